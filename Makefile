@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python requirements-lock.txt pyproject.toml
+	$(BIN)/pip install -q -r requirements-lock.txt
+	$(BIN)/pip install -q -e '.[dev]' -c requirements-lock.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check segrank tests benchmarks
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/segrank demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check segrank tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class SegrankError(Exception):
+    """Bad input (file, key or value) that the user can fix; the message names it."""

@@ -1,0 +1,49 @@
+"""The typed result of a segmentation forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FILL_LOGIT = -100.0  # logit the RankSeg reference gives to classes that were not selected
+
+
+@dataclass
+class SegOutput:
+    """Patch-grid logits of a Segmenter (dense) or RankSeg (sparse) model.
+
+    mask_logits: (B, C, h, w). Dense heads: C = num_classes and channel c is class c. RankSeg: C = k rank slots and
+        channel r belongs to class ``class_index[b, r]``.
+    class_index: (B, k) int64 class of each slot, most confident first (GT oracle: ascending ids); -1 marks a
+        padding slot (GT oracle, images with fewer present classes). None for dense heads.
+    image_logits: (B, num_classes) image-level multi-label logits (RankSeg), else None.
+    """
+
+    mask_logits: Tensor
+    num_classes: int
+    class_index: Tensor | None = None
+    image_logits: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.class_index is not None
+
+    def dense(self, fill: float = FILL_LOGIT) -> Tensor:
+        """(B, num_classes, h, w) logits; unselected classes get ``fill`` (the reference's -100)."""
+        if self.class_index is None:
+            return self.mask_logits
+        return densify(self.mask_logits, self.class_index, self.num_classes, fill)
+
+
+def densify(slot_logits: Tensor, class_index: Tensor, num_classes: int, fill: float = FILL_LOGIT) -> Tensor:
+    """Scatter (B, k, ...) slot logits into (B, num_classes, ...) filled with ``fill``; slots with index -1 drop."""
+    B, k = class_index.shape
+    spatial = slot_logits.shape[2:]
+    # Padding slots (-1) go to an extra channel that is cut off afterwards.
+    index = torch.where(class_index < 0, num_classes, class_index)
+    out = slot_logits.new_full((B, num_classes + 1, *spatial), fill)
+    index = index.view(B, k, *([1] * len(spatial))).expand(B, k, *spatial)
+    out.scatter_(1, index, slot_logits)
+    return out[:, :num_classes]

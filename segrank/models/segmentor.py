@@ -1,0 +1,123 @@
+"""The whole model: ViT backbone + decode head, with input padding semantics and the training loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segrank.config import ModelConfig
+from segrank.models import losses as L
+from segrank.models.output import SegOutput
+from segrank.models.rankseg_head import RankSegGTHead, RankSegHead
+from segrank.models.segmenter_head import LinearHead, MaskTransformerHead
+from segrank.models.vit import VisionTransformer
+
+
+def build_head(cfg: ModelConfig) -> nn.Module:
+    h, n, d_enc = cfg.head, cfg.num_classes, cfg.backbone.embed_dim
+    if h.type == "segmenter":
+        return MaskTransformerHead(h, n, d_enc)
+    if h.type == "rankseg":
+        return RankSegHead(h, n, d_enc)
+    if h.type == "rankseg_gt":
+        return RankSegGTHead(h, n, d_enc)
+    return LinearHead(n, d_enc)
+
+
+class Segmentor(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.backbone.patch_size
+        self.backbone = VisionTransformer(cfg.backbone, num_classes=cfg.num_classes)
+        self.decode_head = build_head(cfg)
+
+    @property
+    def needs_present_classes(self) -> bool:
+        """GT-oracle models take the classes present in each image as a second input."""
+        return isinstance(self.decode_head, RankSegGTHead)
+
+    def forward(self, images: Tensor, present: Tensor | None = None) -> SegOutput:
+        """images (B, 3, H, W) normalised -> patch-grid SegOutput (sparse for RankSeg).
+
+        present: (B, num_classes) bool, the classes in each image's label (GT-oracle models only).
+        """
+        features = self.backbone(images)
+        if self.needs_present_classes:
+            return self.decode_head(features.feature_map, features.class_tokens, present)
+        return self.decode_head(features.feature_map, features.class_tokens)
+
+    def to_input_size(self, logits: Tensor, input_size: tuple[int, int]) -> Tensor:
+        """Map patch-grid logits (B, C, h, w) of a padded input back onto the unpadded input (H, W).
+
+        ``stretch`` (mmseg fork): resize the padded grid directly to (H, W). ``crop`` (official Segmenter):
+        upsample to the padded size, then crop.
+        """
+        H, W = input_size
+        if self.cfg.padding == "stretch":
+            return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        h, w = logits.shape[2:]
+        full = F.interpolate(logits, size=(h * self.patch_size, w * self.patch_size), mode="bilinear",
+                             align_corners=False)
+        return full[:, :, :H, :W]
+
+    def dense_logits(
+        self, images: Tensor, out_size: tuple[int, int] | None = None, present: Tensor | None = None
+    ) -> Tensor:
+        """(B, N, h, w) logits at the patch grid, or mapped to the input and resized to ``out_size``.
+
+        RankSeg models give their parity form: -100 for unselected classes.
+        """
+        logits = self(images, present).dense()
+        if out_size is None:
+            return logits
+        input_size = (images.shape[2], images.shape[3])
+        logits = self.to_input_size(logits, input_size)
+        if tuple(out_size) != input_size:
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+    def loss(self, output: SegOutput, labels: Tensor, ignore_index: int) -> dict[str, Tensor]:
+        """Training losses and metrics. labels (B, H, W) int class ids at input resolution.
+
+        Returns ``loss`` (the total to back-propagate), ``loss_seg``, ``loss_img`` (weighted, RankSeg only) and
+        the logged metrics ``acc_seg``, ``acc_pix``, ``acc_img``, ``acc_img_accuracy`` (RankSeg/GT).
+        """
+        cfg = self.cfg.loss
+        labels = labels.long()
+        input_size = (labels.shape[-2], labels.shape[-1])
+        logits = self.to_input_size(output.mask_logits, input_size)
+        out: dict[str, Tensor] = {}
+        if output.class_index is None:
+            target = labels
+        else:
+            target = L.rank_remap(labels, output.class_index, self.num_classes, ignore_index)
+        out["loss_seg"] = L.seg_cross_entropy(logits, target, ignore_index, cfg.seg_reduction)
+        out["acc_seg"] = L.pixel_accuracy(logits.detach(), target)
+        total = out["loss_seg"]
+        if output.image_logits is not None:
+            presence = L.presence_targets(labels, self.num_classes, ignore_index)
+            if cfg.image_loss == "bce":
+                img_loss = L.bce_image_loss(output.image_logits, presence)
+            else:
+                img_loss = L.asymmetric_loss(output.image_logits, presence, cfg.asl_gamma_neg, cfg.asl_gamma_pos,
+                                             cfg.asl_clip, cfg.asl_eps)
+            out["loss_img"] = img_loss * cfg.image_loss_weight
+            total = total + out["loss_img"]
+        if output.class_index is not None:
+            with torch.no_grad():
+                hist = L.class_histogram(labels, self.num_classes, ignore_index)
+                out["acc_pix"] = L.pixel_recall(hist, output.class_index)
+                out["acc_img"] = L.image_recall(hist, output.class_index)
+                out["acc_img_accuracy"] = L.image_precision(hist, output.class_index)
+        out["loss"] = total
+        return out
+
+
+def build_model(config: ModelConfig | dict | str) -> Segmentor:
+    """A freshly initialised model from a ModelConfig, a dict or a YAML path."""
+    from segrank.config import model_config_from
+
+    return Segmentor(model_config_from(config))
