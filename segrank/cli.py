@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from segrank.errors import SegrankError
 
 # Modules that add sub-commands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["segrank.checkpoints"]
 
 
 def build_parser() -> argparse.ArgumentParser:
