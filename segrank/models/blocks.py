@@ -86,7 +86,7 @@ class Block(nn.Module):
 
 
 def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
-    return [r.item() for r in torch.linspace(0, rate, depth)]
+    return torch.linspace(0, rate, depth, device="cpu").tolist()
 
 
 def init_transformer_weights(module: nn.Module) -> None:
