@@ -16,14 +16,14 @@ $(STAMP): $(BIN)/python requirements-lock.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check segrank tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/segrank demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check segrank tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) *.egg-info
