@@ -1,0 +1,117 @@
+"""PNG plots of a run (loss, lr, mIoU curves from ``log.jsonl``) and the demo's charts (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from segrank.checkpoints import _atomic_write  # noqa: E402
+
+
+def read_log(work_dir: Path) -> list[dict[str, Any]]:
+    path = Path(work_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _curve(runs: dict[str, list[dict[str, Any]]], key: str, kind: str, title: str, path: Path,
+           log_y: bool = False) -> bool:
+    """One line per run of ``key`` over steps; returns False (and writes nothing) when no run has it."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    drawn = False
+    for label, records in runs.items():
+        points = [(r["step"], r[key]) for r in records if r.get("type") == kind and key in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o" if kind == "eval" else None, markersize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set(xlabel="iteration", title=title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        ax.legend()
+    _save(fig, path)
+    return True
+
+
+def plot_training_curves(work_dir: str | Path) -> list[Path]:
+    """loss.png (total and every term), lr.png, miou.png (when evaluated) in ``work_dir``; returns what was written."""
+    work_dir = Path(work_dir)
+    records = read_log(work_dir)
+    written = []
+    loss_keys = sorted({k for r in records if r.get("type") == "train" for k in r if k.startswith("loss")})
+    if loss_keys:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in loss_keys:
+            points = [(r["step"], r[key]) for r in records if r.get("type") == "train" and key in r]
+            ax.plot(*zip(*points, strict=True), label=key)
+        ax.set(xlabel="iteration", title="training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        _save(fig, work_dir / "loss.png")
+        written.append(work_dir / "loss.png")
+    for key, kind, title, name in (("lr", "train", "learning rate", "lr.png"),
+                                   ("mIoU", "eval", "val mIoU", "miou.png")):
+        if _curve({"run": records}, key, kind, title, work_dir / name):
+            written.append(work_dir / name)
+    return written
+
+
+def compare_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
+    """Curves of several runs on shared axes: loss_curves.png, miou_curves.png."""
+    logs = {label: read_log(path) for label, path in runs.items()}
+    written = []
+    for key, kind, title, name in (("loss_seg", "train", "pixel loss (loss_seg)", "loss_curves.png"),
+                                   ("mIoU", "eval", "val mIoU", "miou_curves.png")):
+        if _curve(logs, key, kind, title, out_dir / name):
+            written.append(out_dir / name)
+    return written
+
+
+def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_names: Sequence[str] | None = None,
+                        top: int = 40) -> Path:
+    """Grouped bars of per-class IoU (NaN = class absent) for the ``top`` classes with the largest IoU in any run."""
+    table = np.array([np.asarray(v, dtype=float) for v in ious.values()])
+    best = np.nan_to_num(table, nan=-1.0).max(axis=0)
+    shown = np.argsort(-best, kind="stable")[:top]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(shown)), 3.8))
+    width = 0.8 / len(ious)
+    for j, label in enumerate(ious):
+        ax.bar(np.arange(len(shown)) + j * width, np.nan_to_num(table[j, shown]), width, label=label)
+    names = [class_names[i] if class_names else str(i) for i in shown]
+    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, names, rotation=90, fontsize=7)
+    ax.set(ylabel="IoU", title=f"per-class IoU ({len(shown)} best classes)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    return path
+
+
+def prediction_grid(rows: list[list[np.ndarray]], titles: Sequence[str], path: Path) -> Path:
+    """A grid of RGB images (uint8 HxWx3): one row per sample, one column per title."""
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.0 * len(titles), 2.0 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            axes[i, j].imshow(image, interpolation="nearest")
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(titles[j], fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return path

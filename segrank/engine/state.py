@@ -1,0 +1,108 @@
+"""Training-state checkpoints: what ``--resume`` needs to continue a run exactly.
+
+A checkpoint of step ``s`` (the number of finished iterations) is two files in ``<work_dir>/checkpoints/``:
+``iter_<s>.safetensors`` (the model, segrank's native format: usable by eval/predict/convert as is) and
+``iter_<s>.state.pt`` (optimizer and grad-scaler state, the step, the seed), a dict of tensors and plain Python values
+that ``torch.load(weights_only=True)`` reads without running code. Every file is written to a temp file and renamed;
+the ``latest`` pointer is renamed into place only after both files are complete, so a kill at any moment leaves the
+previous checkpoint usable. Random numbers need no saved state: the training loop reseeds from (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from segrank.checkpoints import _atomic_write, load_state_dict_strict, save_model
+from segrank.errors import SegrankError
+from segrank.models.segmentor import Segmentor
+
+LATEST = "latest"
+_NAME = re.compile(r"iter_(\d+)\.(safetensors|state\.pt)")
+
+
+class ResumeError(SegrankError):
+    """A work directory whose checkpoint cannot be resumed."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def check_disk_space(folder: Path, model: Segmentor, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to start a checkpoint that cannot fit: weights + optimizer state, with a 10 % margin."""
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    need += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    free = shutil.disk_usage(folder).free
+    if free < 1.1 * need:
+        raise SegrankError(f"{folder}: {free / 2**20:.0f} MiB free, a checkpoint needs {need / 2**20:.0f} MiB")
+
+
+def save_training_state(
+    folder: Path, step: int, model: Segmentor, optimizer: torch.optim.Optimizer, scaler_state: dict[str, Any],
+    seed: int, keep: int,
+) -> Path:
+    """Write checkpoint ``step``, point ``latest`` at it, then delete all but the newest ``keep``; returns the
+    weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    check_disk_space(folder, model, optimizer)
+    name = checkpoint_name(step)
+    weights = save_model(model, folder / f"{name}.safetensors")
+    state = {"step": step, "seed": seed, "optimizer": optimizer.state_dict(), "scaler": scaler_state}
+    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
+    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\n"))
+    prune(folder, keep)
+    return weights
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete checkpoints older than the newest ``keep`` (never the one ``latest`` names) and stale temp files."""
+    for tmp in folder.glob(".iter_*.tmp"):
+        tmp.unlink(missing_ok=True)
+    steps = sorted({int(m.group(1)) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))})
+    latest = latest_checkpoint(folder)
+    for step in steps[:-keep] if keep > 0 else []:
+        if checkpoint_name(step) == latest:
+            continue
+        for suffix in (".state.pt", ".safetensors"):
+            (folder / f"{checkpoint_name(step)}{suffix}").unlink(missing_ok=True)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    """The name (``iter_<step>``) the ``latest`` pointer holds, or None when there is no checkpoint yet."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    return pointer.read_text().strip() or None
+
+
+def load_training_state(
+    folder: Path, model: Segmentor, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load the ``latest`` checkpoint into ``model`` and ``optimizer``; returns the state dict (``step``, ``seed``,
+    ``scaler``)."""
+    name = latest_checkpoint(folder)
+    if name is None:
+        raise ResumeError(f"{folder}: no checkpoint to resume from (no '{LATEST}' file)")
+    weights, state_path = folder / f"{name}.safetensors", folder / f"{name}.state.pt"
+    try:
+        sd = load_file(str(weights))
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise ResumeError(f"{folder / name}: checkpoint unreadable ({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not {"step", "seed", "optimizer", "scaler"} <= state.keys():
+        raise ResumeError(f"{state_path}: not a segrank training state")
+    load_state_dict_strict(model, sd, str(weights))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise ResumeError(f"{state_path}: optimizer state does not fit this model ({err})") from None
+    return state
