@@ -162,3 +162,13 @@ def test_import_does_not_pull_timm_torchvision_or_mmcv():
     code = "import sys, segrank, segrank.cli; print({'timm', 'torchvision', 'mmcv', 'mmengine'} & set(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "set()"
+
+
+@pytest.mark.parametrize("head", [{}, {"type": "segmenter", "n_layers": 2}])
+def test_class_map_equals_dense_argmax(head):
+    torch.manual_seed(1)
+    model = build_model(tiny(head)).eval()
+    x = torch.randn(2, 3, 50, 70)
+    with torch.no_grad():
+        dense = model.dense_logits(x, (61, 83)).argmax(1)
+        assert torch.equal(model.class_map(x, (61, 83)), dense)

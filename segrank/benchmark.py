@@ -1,0 +1,251 @@
+"""Benchmarks that print one JSON object per measured case (``segrank benchmark ...`` or
+``python -m segrank.benchmark ...``).
+
+Timings: warm-up, then the median of ``--reps`` repetitions; compared variants run interleaved in one process so
+their ratios hold on a noisy machine. Memory: the peak resident-memory increase of the measured work on CPU
+(sampled), or ``torch.cuda.max_memory_allocated`` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from segrank.config import ModelConfig, from_dict
+from segrank.errors import SegrankError
+from segrank.models.segmentor import Segmentor
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict that holds ``peak_mb`` (increase over the start) once the block ends."""
+    result: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+        return
+    start = _rss_bytes()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        result["peak_mb"] = (peak[0] - start) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, after one warm-up each, alternating between them every repetition."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, reps: int = 5) -> float:
+    """This machine's fp32 matrix-multiply rate, the yardstick for achieved GFLOP/s."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds = time_interleaved({"mm": lambda: torch.mm(a, b)}, reps, device)["mm"]
+    return 2 * size**3 / seconds / 1e9
+
+
+def model_config(backbone: str, head: str, num_classes: int, size: int) -> ModelConfig:
+    """A model-zoo-like config: ViT preset, Segmenter (2 blocks) or RankSeg (k 50, pooled 8; k 100, no pooling
+    for N > 255, as the ADE-Full and COCO+LVIS rows)."""
+    big = num_classes > 255
+    heads = {
+        "segmenter": {"type": "segmenter", "n_layers": 2},
+        "rankseg": {"type": "rankseg", "n_layers": 3, "topk": min(100 if big else 50, num_classes),
+                    "downsample": None if big else 8},
+    }
+    grid = [size // 16, size // 16]
+    return from_dict(ModelConfig, {"num_classes": num_classes, "backbone": {"preset": backbone, "pos_embed_grid": grid},
+                                   "head": heads[head]})
+
+
+def class_map_from_features(model: Segmentor, features, size: tuple[int, int]) -> torch.Tensor:
+    """Decode head + full-resolution class map, given backbone features (the part RankSeg changes)."""
+    out = model.decode_head(features.feature_map, features.class_tokens)
+    logits = model.to_input_size(out.mask_logits, size)
+    pred = logits.argmax(1)
+    return pred if out.class_index is None else out.class_index.gather(1, pred.flatten(1)).view_as(pred)
+
+
+def bench_forward(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Latency of the decode head + full-resolution class map, and end to end, with FLOPs."""
+    mm = matmul_gflops(device)
+    for num_classes in args.classes:
+        yield from _forward_case(args, device, num_classes, mm)
+
+
+def _forward_case(args: argparse.Namespace, device: torch.device, num_classes: int, mm: float) -> list[dict]:
+    models = {h: Segmentor(model_config(args.backbone, h, num_classes, args.size)).eval().to(device)
+              for h in args.models}
+    x = torch.randn(1, 3, args.size, args.size, device=device)
+    size = (args.size, args.size)
+    records = []
+    with torch.inference_mode():
+        features = {h: m.backbone(x) for h, m in models.items()}
+        head_fns = {h: (lambda m=m, f=features[h]: class_map_from_features(m, f, size)) for h, m in models.items()}
+        e2e_fns = {h: (lambda m=m: m.class_map(x)) for h, m in models.items()}
+        head_times = time_interleaved(head_fns, args.reps, device)
+        e2e_times = time_interleaved(e2e_fns, args.reps, device)
+        for h in models:
+            flops = count_flops(e2e_fns[h])
+            achieved = flops / e2e_times[h] / 1e9
+            records.append({
+                "benchmark": "forward", "backbone": args.backbone, "size": args.size, "classes": num_classes,
+                "model": h, "head_and_map_s": head_times[h], "end_to_end_s": e2e_times[h],
+                "gflops": flops / 1e9, "achieved_gflops_per_s": achieved, "matmul_gflops_per_s": mm,
+                "fraction_of_matmul": achieved / mm,
+                "head_vs_segmenter": head_times[h] / head_times.get("segmenter", head_times[h]),
+                "end_to_end_vs_segmenter": e2e_times[h] / e2e_times.get("segmenter", e2e_times[h]),
+            })
+    return records
+
+
+def bench_train_step(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Time and peak memory of one SGD step (forward, loss, backward, update) per batch size."""
+    for batch in args.batch:
+        yield from _train_case(args, device, args.classes[0], batch)
+
+
+def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int, batch: int) -> list[dict]:
+    models = {h: Segmentor(model_config(args.backbone, h, num_classes, args.size)).train().to(device)
+              for h in args.models}
+    optims = {h: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for h, m in models.items()}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, args.size, args.size, generator=gen).to(device)
+    # a few large regions per image, as in real labels
+    coarse = torch.randint(0, num_classes, (batch, 1, 4, 4), generator=gen).float()
+    labels = F.interpolate(coarse, size=(args.size, args.size), mode="nearest")[:, 0].long().to(device)
+
+    def step(h: str) -> None:
+        optims[h].zero_grad(set_to_none=True)
+        models[h].loss(models[h](x), labels, ignore_index=-1)["loss"].backward()
+        optims[h].step()
+
+    times = time_interleaved({h: (lambda h=h: step(h)) for h in models}, args.reps, device)
+    records = []
+    for h in models:
+        with peak_memory(device) as mem:
+            step(h)
+        records.append({"benchmark": "train-step", "backbone": args.backbone, "size": args.size,
+                        "classes": num_classes, "batch": batch, "model": h, "step_s": times[h],
+                        "peak_mb": mem["peak_mb"]})
+    return records
+
+
+SUBCOMMANDS: dict[str, Callable[[argparse.Namespace, torch.device], Iterator[dict[str, Any]]]] = {
+    "forward": bench_forward,
+    "train-step": bench_train_step,
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SegrankError("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info(device)
+    for record in SUBCOMMANDS[args.bench](args, device):
+        record["machine"] = info
+        print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items() if k != "machine"))
+        sys.stdout.flush()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("benchmark", help="speed and memory benchmarks (JSON records)")
+    bench = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    defaults = {"forward": ("vit_b16", 512, "150,1284", "1"), "train-step": ("vit_t16", 512, "150", "1,2,8")}
+    for name in SUBCOMMANDS:
+        backbone, size, classes, batch = defaults[name]
+        sub = bench.add_parser(name, help=(SUBCOMMANDS[name].__doc__ or name).splitlines()[0])
+        sub.add_argument("--backbone", default=backbone, choices=["vit_t16", "vit_s16", "vit_b16", "vit_l16"])
+        sub.add_argument("--size", type=int, default=size, help="square input size")
+        sub.add_argument("--classes", type=_int_list, default=_int_list(classes), help="comma-separated N")
+        sub.add_argument("--batch", type=_int_list, default=_int_list(batch), help="comma-separated batch sizes")
+        sub.add_argument("--models", nargs="+", default=["segmenter", "rankseg"], choices=["segmenter", "rankseg"])
+        sub.add_argument("--reps", type=int, default=5)
+        sub.add_argument("--device", default="cpu")
+        sub.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        sub.set_defaults(func=_run)
+
+
+if __name__ == "__main__":
+    from segrank.cli import main
+
+    sys.exit(main(["benchmark", *sys.argv[1:]]))
