@@ -356,7 +356,7 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     seed: int = 0
     checkpoint_interval: int = 0  # 0: max_iters // 10
-    eval_interval: int = 0  # 0: max_iters // 10
+    eval_interval: int = 0  # 0: max_iters // 10; -1: no evaluation during training
     keep_checkpoints: int = 3
     log_interval: int = 50
     pretrained: str | None = None  # backbone weights (.npz AugReg or timm state dict)

@@ -9,6 +9,7 @@ a resumed run equals an uninterrupted one, and the union over ranks of one step'
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -225,6 +226,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     """Train ``cfg`` in ``work_dir``; returns {"step", "checkpoint", "eval" (last results), "stopped"}."""
     from segrank.data import build_dataset, dataset_info
 
+    cfg = copy.deepcopy(cfg)  # class names get filled in below
     work_dir, tc = Path(work_dir), cfg.train
     env = setup_distributed(device)
     info = dataset_info(cfg.data.dataset, cfg.data.options)
@@ -277,7 +279,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     logged = 0
     last_eval: dict[str, Any] | None = None
     result = {"step": start, "checkpoint": None, "eval": None, "stopped": False}
-    tick = time.perf_counter()
+    tick, ticked = time.perf_counter(), start
 
     with GracefulStop() as stop:
         for step in range(start, tc.max_iters):
@@ -309,11 +311,11 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
                 if tc.nonfinite == "stop":
                     bar.close()
                     where = state.latest_checkpoint(ckpt_dir)
-                    raise NonFiniteLossError(f"step {step}: non-finite loss ({terms}); last good checkpoint: "
+                    raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); last good checkpoint: "
                                              f"{ckpt_dir / where if where else 'none'}")
                 optimizer.zero_grad(set_to_none=True)
                 if env.main:
-                    print(f"segrank train: step {step}: non-finite loss ({terms}), step skipped", flush=True)
+                    print(f"segrank train: step {step + 1}: non-finite loss ({terms}), step skipped", flush=True)
             else:
                 scaler.step(optimizer)
                 scaler.update()
@@ -326,10 +328,12 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
 
             if done % tc.log_interval == 0 or done == tc.max_iters:
-                record = _log_record(sums, logged, done, lr, env, (time.perf_counter() - tick) / (done - start))
+                record = _log_record(sums, logged, done, lr, env, (time.perf_counter() - tick) / (done - ticked))
+                record["eta_s"] = round(record["time"] * (tc.max_iters - done))
                 if env.main:
                     append_log(log_path, record)
                 sums, logged = {}, 0
+                tick, ticked = time.perf_counter(), done
             if done % ckpt_interval == 0 or done == tc.max_iters or stopping:
                 if env.main:
                     result["checkpoint"] = str(state.save_training_state(
@@ -343,8 +347,9 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
                           f"--work-dir {work_dir} --resume", flush=True)
                 result.update(step=done, stopped=True)
                 return result
-            if done % eval_interval == 0 or done == tc.max_iters:
+            if tc.eval_interval >= 0 and (done % eval_interval == 0 or done == tc.max_iters):
                 last_eval = _evaluate(model, cfg, info, done, work_dir, env, progress)
+                tick, ticked = time.perf_counter(), done  # evaluation time is not training time
             result["step"] = done
     bar.close()
     result["eval"] = last_eval
