@@ -66,8 +66,8 @@ class MaskDecoderBase(nn.Module):
 
 
 def to_grid(masks: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, h*w, C) -> (B, C, h, w)."""
-    return masks.transpose(1, 2).reshape(masks.shape[0], masks.shape[2], grid[0], grid[1])
+    """(B, h*w, C) -> contiguous (B, C, h, w): resizing a channels-last view later would copy at full size."""
+    return masks.transpose(1, 2).reshape(masks.shape[0], masks.shape[2], grid[0], grid[1]).contiguous()
 
 
 class MaskTransformerHead(MaskDecoderBase):
