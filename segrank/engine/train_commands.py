@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     from segrank.engine.demo import run_demo
 
     report = run_demo(Path(args.out), seed=args.seed, iters=args.iters, val_images=args.val_images,
-                      device=args.device)
+                      device=args.device, force=args.force)
     print(f"segrank demo: report written to {report}")
     return 0
 
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                             "empty")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default: 0)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
+    demo.add_argument("--force", action="store_true", help="replace an existing --out folder")
     # Reduced budgets for tests.
     demo.add_argument("--iters", type=int, default=None, help=argparse.SUPPRESS)
     demo.add_argument("--val-images", type=int, default=None, help=argparse.SUPPRESS)
