@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from segrank.checkpoints import _atomic_write, load_backbone_weights
-from segrank.config import Config, ConfigError, from_dict, to_dict
+from segrank.config import Config, ConfigError, TrainConfig, from_dict, to_dict
 from segrank.engine import optim, report, state
 from segrank.errors import SegrankError
 from segrank.models.losses import presence_targets
@@ -223,7 +223,8 @@ def memory_mb(device: torch.device) -> float:
 
 def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str | None = None,
           progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` in ``work_dir``; returns {"step", "checkpoint", "eval" (last results), "stopped"}."""
+    """Train ``cfg`` in ``work_dir``; returns {"step", "checkpoint" (weights file), "eval" (last results),
+    "stopped" (by a signal)}."""
     from segrank.data import build_dataset, dataset_info
 
     cfg = copy.deepcopy(cfg)  # class names get filled in below
@@ -235,8 +236,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
                           f"{info.num_classes} classes")
     if cfg.model.class_names is None:
         cfg.model.class_names = list(info.class_names)
-    accum_world = env.world * tc.grad_accum
-    if tc.batch_size % accum_world:
+    if tc.batch_size % (env.world * tc.grad_accum):
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {env.world} processes x "
                           f"grad_accum {tc.grad_accum}")
     ckpt_interval = tc.checkpoint_interval or max(1, tc.max_iters // 10)
@@ -252,110 +252,106 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
         load_backbone_weights(model, tc.pretrained)
     model.to(env.device).train()
     optimizer = optim.build_optimizer(model, tc)
-    use_scaler = tc.amp == "fp16" and env.device.type == "cuda"
-    scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
-    start = 0
+    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.amp == "fp16" and env.device.type == "cuda")
+    start, result = 0, {"step": 0, "checkpoint": None, "eval": None, "stopped": False}
     if resume and state.latest_checkpoint(ckpt_dir) is not None:
         saved = state.load_training_state(ckpt_dir, model, optimizer)
-        scaler.load_state_dict(saved["scaler"]) if use_scaler else None
-        start = saved["step"]
+        if scaler.is_enabled():
+            scaler.load_state_dict(saved["scaler"])
+        start = result["step"] = saved["step"]
+        result["checkpoint"] = str(ckpt_dir / f"{state.latest_checkpoint(ckpt_dir)}.safetensors")
     if env.main:
         truncate_log(log_path, start)
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.world > 1 else None
-    net = ddp or model
 
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     sampler = StepBatches(SampleStream(len(train_set), tc.seed), start, tc.max_iters, tc.batch_size, env.rank,
                           env.world, tc.grad_accum)
-    loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, num_workers=cfg.data.workers,
-                        collate_fn=collate, pin_memory=env.device.type == "cuda")
-    batches = iter(loader)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16 if tc.amp == "bf16" else torch.float16,
-                              enabled=tc.amp != "none")
-    ignore, N = info.ignore_index, cfg.model.num_classes
+    batches = iter(DataLoader(SeededSamples(train_set), batch_sampler=sampler, num_workers=cfg.data.workers,
+                              collate_fn=collate, pin_memory=env.device.type == "cuda"))
     bar = tqdm(total=tc.max_iters, initial=start, desc="train", dynamic_ncols=True, disable=not (progress and env.main))
     sums: dict[str, torch.Tensor] = {}
-    logged = 0
-    last_eval: dict[str, Any] | None = None
-    result = {"step": start, "checkpoint": None, "eval": None, "stopped": False}
-    tick, ticked = time.perf_counter(), start
+    logged, tick, ticked = 0, time.perf_counter(), start
 
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, bar:
         for step in range(start, tc.max_iters):
             lr = optim.poly_lr(step, tc)
             optim.set_lr(optimizer, lr)
-            finite = torch.ones((), dtype=torch.bool, device=env.device)
-            step_losses: dict[str, torch.Tensor] = {}
-            for micro in range(tc.grad_accum):
-                batch = next(batches)
-                images = batch["image"].to(env.device, non_blocking=True)
-                labels = batch["label"].to(env.device, non_blocking=True)
-                present = presence_targets(labels, N, ignore).bool() if model.needs_present_classes else None
-                seed_everything(derive_seed(tc.seed, step, micro, env.rank, 3))
-                sync = ddp.no_sync() if ddp is not None and micro < tc.grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        losses = model.loss(net(images, present), labels, ignore)
-                    scaler.scale(losses["loss"] / tc.grad_accum).backward()
-                finite &= torch.isfinite(losses["loss"])
-                for k, v in losses.items():
-                    step_losses[k] = step_losses.get(k, 0.0) + v.detach().float().mean() / tc.grad_accum
-            flags = torch.stack([(~finite).float(), torch.tensor(float(stop.requested), device=env.device),
-                                 step_losses["loss"]])
+            losses, finite = _forward_backward(model, ddp, scaler, batches, step, tc, env, info.ignore_index)
+            flags = torch.tensor([not finite, stop.requested], dtype=torch.float32, device=env.device)
             if ddp is not None:
-                dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)
-            nonfinite, stopping, loss_value = flags.tolist()
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips, stops or saves at the same step
+            nonfinite, stopping = flags.tolist()
+            done = step + 1
             if nonfinite:
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in step_losses.items() if k.startswith("loss"))
-                if tc.nonfinite == "stop":
-                    bar.close()
-                    where = state.latest_checkpoint(ckpt_dir)
-                    raise NonFiniteLossError(f"step {step + 1}: non-finite loss ({terms}); last good checkpoint: "
-                                             f"{ckpt_dir / where if where else 'none'}")
                 optimizer.zero_grad(set_to_none=True)
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if k.startswith("loss"))
+                if tc.nonfinite == "stop":
+                    last = state.latest_checkpoint(ckpt_dir)
+                    raise NonFiniteLossError(f"step {done}: non-finite loss ({terms}); last good checkpoint: "
+                                             f"{ckpt_dir / last if last else 'none'}")
                 if env.main:
-                    print(f"segrank train: step {step + 1}: non-finite loss ({terms}), step skipped", flush=True)
+                    bar.write(f"segrank train: step {done}: non-finite loss ({terms}), step skipped")
             else:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                for k, v in step_losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
                 logged += 1
-            done = step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", lr=f"{lr:.2e}", refresh=False)
 
             if done % tc.log_interval == 0 or done == tc.max_iters:
                 record = _log_record(sums, logged, done, lr, env, (time.perf_counter() - tick) / (done - ticked))
                 record["eta_s"] = round(record["time"] * (tc.max_iters - done))
                 if env.main:
                     append_log(log_path, record)
-                sums, logged = {}, 0
-                tick, ticked = time.perf_counter(), done
+                sums, logged, tick, ticked = {}, 0, time.perf_counter(), done
             if done % ckpt_interval == 0 or done == tc.max_iters or stopping:
                 if env.main:
                     result["checkpoint"] = str(state.save_training_state(
-                        ckpt_dir, done, model, optimizer, scaler.state_dict() if use_scaler else {}, tc.seed,
-                        tc.keep_checkpoints))
+                        ckpt_dir, done, model, optimizer, scaler.state_dict() if scaler.is_enabled() else {},
+                        tc.seed, tc.keep_checkpoints))
                 _barrier(env)
+            result["step"] = done
             if stopping:
-                bar.close()
                 if env.main:
-                    print(f"segrank train: stopped at step {done}; resume with: segrank train <config> "
-                          f"--work-dir {work_dir} --resume", flush=True)
-                result.update(step=done, stopped=True)
+                    bar.write(f"segrank train: stopped at step {done}; resume with: segrank train <config> "
+                              f"--work-dir {work_dir} --resume")
+                result["stopped"] = True
                 return result
             if tc.eval_interval >= 0 and (done % eval_interval == 0 or done == tc.max_iters):
-                last_eval = _evaluate(model, cfg, info, done, work_dir, env, progress)
+                result["eval"] = _evaluate(model, cfg, info, done, work_dir, env, progress)
                 tick, ticked = time.perf_counter(), done  # evaluation time is not training time
-            result["step"] = done
-    bar.close()
-    result["eval"] = last_eval
     if env.main:
         report.plot_training_curves(work_dir)
     return result
+
+
+def _forward_backward(model: Segmentor, ddp: DistributedDataParallel | None, scaler: torch.amp.GradScaler,
+                      batches: Iterator[dict[str, torch.Tensor]], step: int, tc: TrainConfig, env: Dist,
+                      ignore_index: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Accumulate the gradients of one step's micro-batches; returns the step's mean losses/metrics and whether the
+    loss was finite on this rank."""
+    totals: dict[str, torch.Tensor] = {}
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16 if tc.amp == "bf16" else torch.float16,
+                              enabled=tc.amp != "none")
+    for micro in range(tc.grad_accum):
+        batch = next(batches)
+        images = batch["image"].to(env.device, non_blocking=True)
+        labels = batch["label"].to(env.device, non_blocking=True)
+        present = presence_targets(labels, model.num_classes, ignore_index).bool() \
+            if model.needs_present_classes else None
+        seed_everything(derive_seed(tc.seed, step, micro, env.rank, 3))
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        last = micro == tc.grad_accum - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with autocast:
+                losses = model.loss((ddp or model)(images, present), labels, ignore_index)
+            scaler.scale(losses["loss"] / tc.grad_accum).backward()
+        totals = {k: totals.get(k, 0.0) + v.detach().float().mean() / tc.grad_accum for k, v in losses.items()}
+    return totals, bool(torch.isfinite(totals["loss"]))
 
 
 def _barrier(env: Dist) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from segrank.config import load_config
 
 
@@ -13,7 +15,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
-    result = train(cfg, work_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+    try:
+        result = train(cfg, work_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if not result["stopped"]:
         print(f"segrank train: finished {result['step']} iterations; weights: {result['checkpoint']}")
     return 0
