@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,7 @@ def test_train_cli(tmp_path, capsys):
 
 DDP_SCRIPT = """
 import sys
+import time
 from tests.engine import tiny_data
 from tests.engine.test_train import tiny_config
 import segrank.engine.train as engine
@@ -274,3 +276,46 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     moved = max((reference[k] - initial[k]).abs().max().item() for k in reference if k in initial)
     assert moved > 1e-3  # the runs did train
     assert max((ddp[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6
+
+
+SIGNAL_SCRIPT = """
+import sys
+import time
+from tests.engine import tiny_data
+from segrank.cli import main
+tiny_data.install()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    config, work = tmp_path / "tiny.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(max_iters=100000, log_interval=1, checkpoint_interval=1000))))
+    script = tmp_path / "run.py"
+    script.write_text(SIGNAL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), "train", str(config), "--work-dir", str(work),
+                             "--no-progress"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = work / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "--resume" in out
+    name = state.latest_checkpoint(work / "checkpoints")
+    assert name is not None and name != "iter_0100000"
+    saved = torch.load(work / "checkpoints" / f"{name}.state.pt", weights_only=True)
+    assert saved["step"] == int(name.split("_")[1]) >= 3
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with engine.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [128 + signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
