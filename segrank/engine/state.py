@@ -65,7 +65,7 @@ def save_training_state(
 
 def prune(folder: Path, keep: int) -> None:
     """Delete checkpoints older than the newest ``keep`` (never the one ``latest`` names) and stale temp files."""
-    for tmp in folder.glob(".iter_*.tmp"):
+    for tmp in folder.glob(".*.tmp"):  # left by a write that was killed
         tmp.unlink(missing_ok=True)
     steps = sorted({int(m.group(1)) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))})
     latest = latest_checkpoint(folder)
