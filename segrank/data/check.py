@@ -1,0 +1,150 @@
+"""``segrank datasets check``: layout, pairing, sizes and label values of a dataset on disk, file by file, plus the
+class histogram and the per-image class-count distribution (the statistic RankSeg relies on)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from segrank.data.datasets import decode_label, list_samples, read_label_file
+from segrank.data.info import DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout
+from segrank.errors import SegrankError
+
+
+@dataclass
+class SplitReport:
+    split: str
+    images: int = 0
+    labels: int = 0
+    pairs: int = 0
+
+
+@dataclass
+class CheckReport:
+    info: DatasetInfo
+    root: Path
+    splits: list[SplitReport] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file, what is wrong)
+    class_pixels: np.ndarray | None = None  # (N,) pixels per class over all checked labels
+    class_images: np.ndarray | None = None  # (N,) labels containing the class
+    classes_per_image: Counter = field(default_factory=Counter)
+
+
+def dataset_splits(layout: Layout, root: Path) -> list[str]:
+    """Split names to check: one per distinct folder/list of the layout (folder datasets: their split lists)."""
+    if not layout.splits:
+        lists = sorted(p.stem for p in (root / "splits").glob("*.txt")) if layout.split_file else []
+        return lists or ["all"]
+    seen, out = set(), []
+    for ours, theirs in layout.splits.items():
+        if theirs not in seen:
+            seen.add(theirs)
+            out.append(ours)
+    return out
+
+
+def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, progress: bool = True) -> CheckReport:
+    root = Path(root)
+    spec = dataset_spec(name)
+    if name == "synthetic":
+        raise SegrankError("dataset 'synthetic' is generated on the fly; there is nothing on disk to check")
+    if not root.is_dir():
+        raise SegrankError(f"{root}: dataset root not found")
+    layout = folder_layout(root) if name == "folder" else spec.layout
+    info = dataset_info(name, None, root)
+    report = CheckReport(info, root, class_pixels=np.zeros(info.num_classes, np.int64),
+                         class_images=np.zeros(info.num_classes, np.int64))
+    for split in splits or dataset_splits(layout, root):
+        try:
+            samples, orphans = list_samples(layout, root, split)
+        except SegrankError as err:
+            report.problems.append((str(root), f"split {split}: {err}"))
+            continue
+        sr = SplitReport(split)
+        report.splits.append(sr)
+        if not samples:
+            report.problems.append((str(root / layout.img_dir.format(split=layout.splits.get(split, split))),
+                                    f"split {split}: no images"))
+        for path in orphans:
+            sr.labels += 1
+            report.problems.append((str(path), "label without image"))
+        for s in tqdm(samples, desc=f"check {split}", disable=not progress, leave=False):
+            sr.images += s.image is not None
+            sr.labels += s.label is not None
+            if s.image is None:
+                report.problems.append((str(s.label or s.name), "label without image" if s.label else
+                                        "listed in the split file, but neither image nor label exists"))
+                continue
+            if s.label is None:
+                report.problems.append((str(s.image), "image without label"))
+                continue
+            sr.pairs += 1
+            _check_pair(s.image, s.label, layout, report)
+    return report
+
+
+def _check_pair(image: Path, label_path: Path, layout: Layout, report: CheckReport) -> None:
+    info = report.info
+    try:
+        with Image.open(image) as img:
+            width, height = img.size
+    except OSError as err:
+        report.problems.append((str(image), f"unreadable image ({err})"))
+        return
+    try:
+        raw = read_label_file(label_path)
+    except SegrankError as err:
+        report.problems.append((str(label_path), str(err).removeprefix(f"{label_path}: ")))
+        return
+    if raw.ndim != 2:
+        report.problems.append((str(label_path), f"label has shape {raw.shape}, expected (H, W)"))
+        return
+    if raw.shape != (height, width):
+        report.problems.append((str(label_path), f"label size {raw.shape[1]}x{raw.shape[0]} differs from image "
+                                                 f"size {width}x{height}"))
+    label = decode_label(raw, layout, info.ignore_index)
+    valid = label != info.ignore_index
+    outside = valid & ((label < 0) | (label >= info.num_classes))
+    if outside.any():
+        bad = np.unique(raw[outside])
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        report.problems.append((str(label_path), f"{int(outside.sum())} pixels with values outside the "
+                                                 f"{info.num_classes}-class vocabulary: {shown}"))
+        valid &= ~outside
+    counts = np.bincount(label[valid], minlength=info.num_classes)
+    report.class_pixels += counts
+    report.class_images += counts > 0
+    report.classes_per_image[int((counts > 0).sum())] += 1
+
+
+def format_report(report: CheckReport, top: int = 20) -> str:
+    info = report.info
+    lines = [f"dataset {info.name} at {report.root}: {info.num_classes} classes, ignore value {info.ignore_index}"]
+    for sr in report.splits:
+        lines.append(f"  split {sr.split}: {sr.images} images, {sr.labels} labels, {sr.pairs} pairs")
+    total = int(report.class_pixels.sum())
+    if total:
+        lines.append(f"class histogram (top {top} of {int((report.class_pixels > 0).sum())} classes present; "
+                     "pixels %, images):")
+        for k in np.argsort(-report.class_pixels, kind="stable")[:top]:
+            if report.class_pixels[k]:
+                lines.append(f"  {k:5d} {info.classes[k][:32]:32s} {100 * report.class_pixels[k] / total:6.2f} % "
+                             f"{int(report.class_images[k]):7d}")
+        counts = report.classes_per_image
+        n = sum(counts.values())
+        values = np.repeat(list(counts), list(counts.values()))
+        lines.append(f"classes per image: mean {values.mean():.2f}, median {np.median(values):g}, max {values.max()} "
+                     f"over {n} labels")
+        for k in sorted(counts):
+            lines.append(f"  {k:4d} classes: {counts[k]:7d} images ({100 * counts[k] / n:5.1f} %)")
+    if report.problems:
+        lines.append(f"problems ({len(report.problems)}):")
+        lines += [f"  {path}: {what}" for path, what in report.problems]
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Datasets: file listing, label decoding, and items through the reference pipelines.
+
+Items are dicts: ``image`` float32 (3, H, W) normalised; ``label`` int64 (H, W) with the dataset's ignore value;
+``path`` (image file, or ``synthetic/<split>/<index>``); ``ori_size`` (H0, W0). Train items are exactly
+``crop_size``; eval items hold the keep-ratio resized image and the label at original resolution.
+
+Reproducible augmentation: ``dataset[(index, seed)]`` draws every random choice of that item from
+``numpy.random.default_rng(seed)``; ``dataset[index]`` uses the seed ``(base_seed, epoch, index)``, with
+``dataset.base_seed`` (default 0) and ``dataset.set_epoch(epoch)``. No global random state is read, so an item
+depends only on its key: DataLoader workers, process counts and resumed runs all see the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segrank.config import DataConfig
+from segrank.data import transforms
+from segrank.data.info import NORMALIZATIONS, DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout
+from segrank.data.synthetic import synthetic_options, synthetic_scene
+from segrank.errors import SegrankError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Sample:
+    name: str
+    image: Path | None  # None: missing
+    label: Path | None
+
+
+def _split_dir(template: str, layout: Layout, split: str) -> str:
+    return template.format(split=layout.splits.get(split, split))
+
+
+def resolve_split(layout: Layout, split: str, name: str) -> str:
+    if layout.splits and split not in layout.splits:
+        raise SegrankError(f"dataset {name!r}: unknown split {split!r} (known: {', '.join(layout.splits)})")
+    return split
+
+
+def _find_image(img_dir: Path, stem: str, suffix: str) -> Path | None:
+    if suffix:
+        path = img_dir / f"{stem}{suffix}"
+        return path if path.is_file() else None
+    for ext in IMAGE_EXTENSIONS:
+        for path in (img_dir / f"{stem}{ext}", img_dir / f"{stem}{ext.upper()}"):
+            if path.is_file():
+                return path
+    return None
+
+
+def list_samples(layout: Layout, root: Path, split: str) -> tuple[list[Sample], list[Path]]:
+    """The split's samples (image/label paths, None where missing) and label files that no image claims
+    (only for layouts without split lists, whose label folders belong to one split)."""
+    img_dir, ann_dir = root / _split_dir(layout.img_dir, layout, split), root / _split_dir(layout.ann_dir, layout,
+                                                                                            split)
+    orphans: list[Path] = []
+    if layout.split_file is not None:
+        list_path = root / _split_dir(layout.split_file, layout, split)
+        if not list_path.is_file():
+            raise SegrankError(f"{list_path}: split list not found")
+        names = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+    else:
+        if not img_dir.is_dir():
+            raise SegrankError(f"{img_dir}: image folder not found")
+        suffixes = (layout.img_suffix,) if layout.img_suffix else IMAGE_EXTENSIONS
+        names = sorted(p.name[: len(p.name) - len(s)] for p in img_dir.iterdir() for s in suffixes
+                       if p.name.lower().endswith(s.lower()) and len(p.name) > len(s))
+        names = sorted(set(names))
+        if ann_dir.is_dir():
+            claimed = {f"{n}{layout.seg_suffix}" for n in names}
+            orphans = sorted(p for p in ann_dir.iterdir() if p.name.endswith(layout.seg_suffix)
+                             and p.name not in claimed)
+    samples = []
+    for name in names:
+        label = ann_dir / f"{name}{layout.seg_suffix}"
+        samples.append(Sample(name, _find_image(img_dir, name, layout.img_suffix), label if label.is_file() else None))
+    return samples, orphans
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except OSError as err:
+        raise SegrankError(f"{path}: cannot read image ({err})") from None
+
+
+def read_label_file(path: Path) -> np.ndarray:
+    """The stored label values (8- or 16-bit, palette indices for mode P); RGB/RGBA labels are an error."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+                raise SegrankError(f"{path}: label is a {img.mode} colour image, expected one class index per pixel")
+            return np.asarray(img)
+    except OSError as err:
+        raise SegrankError(f"{path}: cannot read label ({err})") from None
+
+
+def decode_label(raw: np.ndarray, layout: Layout, ignore_index: int) -> np.ndarray:
+    """File values -> int64 class ids (spec §8 LoadAnnotations): zero-label reduction, file ignore value."""
+    raw = raw.astype(np.int64)
+    ignored = raw == layout.file_ignore if layout.file_ignore is not None else np.zeros(raw.shape, bool)
+    if layout.reduce_zero_label:
+        ignored |= raw == 0
+        raw = raw - 1
+    raw[ignored] = ignore_index
+    return raw
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Base: subclasses implement ``__len__`` and ``load(index) -> (uint8 RGB image, int64 label, path)``."""
+
+    def __init__(self, info: DatasetInfo, cfg: DataConfig, split: str, train: bool) -> None:
+        self.info, self.cfg, self.split, self.train = info, cfg, split, train
+        self.mean, self.std = NORMALIZATIONS[cfg.normalization] if cfg.normalization else (info.mean, info.std)
+        self.base_seed, self.epoch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        img, label, path = self.load(index)
+        ori_size = tuple(label.shape)
+        cfg = self.cfg
+        if self.train:
+            rng = np.random.default_rng(seed if seed is not None else [self.base_seed, self.epoch, index])
+            image, label_t = transforms.train_transform(
+                img, label, rng, img_scale=cfg.img_scale, ratio_range=cfg.ratio_range, crop_size=cfg.crop_size,
+                cat_max_ratio=cfg.cat_max_ratio, flip_prob=cfg.flip_prob, photometric=cfg.photometric,
+                mean=self.mean, std=self.std, ignore_index=self.info.ignore_index)
+        else:
+            image = transforms.eval_transform(img, cfg.img_scale, self.mean, self.std)
+            label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+        return {"image": image, "label": label_t, "path": path, "ori_size": ori_size}
+
+
+class FileDataset(SegDataset):
+    def __init__(self, info: DatasetInfo, cfg: DataConfig, split: str, train: bool, layout: Layout,
+                 root: Path) -> None:
+        super().__init__(info, cfg, split, train)
+        self.layout = layout
+        samples, _ = list_samples(layout, root, split)
+        if not samples:
+            raise SegrankError(f"{root}: split {split!r} of dataset {info.name!r} has no images")
+        for s in samples:
+            if s.image is None or s.label is None:
+                what = "image" if s.image is None else "label"
+                raise SegrankError(f"{root}: {split} sample {s.name!r} has no {what} file "
+                                   f"(run `segrank datasets check {info.name} {root}`)")
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        s = self.samples[index]
+        img = read_image(s.image)
+        label = decode_label(read_label_file(s.label), self.layout, self.info.ignore_index)
+        if label.shape != img.shape[:2]:
+            raise SegrankError(f"{s.label}: label size {label.shape} differs from image size {img.shape[:2]}")
+        return img, label, str(s.image)
+
+
+class SyntheticDataset(SegDataset):
+    def __init__(self, info: DatasetInfo, cfg: DataConfig, split: str, train: bool) -> None:
+        super().__init__(info, cfg, split, train)
+        self.opts = synthetic_options(cfg.options)
+        self.length = self.opts["train_images"] if split == "train" else self.opts["val_images"]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        img, label = synthetic_scene(index, self.split, self.opts)
+        return img, label, f"synthetic/{self.split}/{index:06d}"
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool) -> SegDataset:
+    """Dataset ``cfg.dataset`` at ``cfg.root``, split ``split``; ``train`` selects the augmenting pipeline."""
+    spec = dataset_spec(cfg.dataset)
+    if cfg.dataset == "synthetic":
+        return SyntheticDataset(dataset_info("synthetic", cfg.options), cfg, split, train)
+    if cfg.options:
+        raise SegrankError(f"data.options: dataset {cfg.dataset!r} takes no options, got {sorted(cfg.options)}")
+    if cfg.root is None:
+        raise SegrankError(f"data.root: dataset {cfg.dataset!r} needs its root directory")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise SegrankError(f"{root}: dataset root not found (data.root of dataset {cfg.dataset!r})")
+    layout = folder_layout(root) if cfg.dataset == "folder" else spec.layout
+    resolve_split(layout, split, cfg.dataset)
+    info = dataset_info(cfg.dataset, None, root)
+    return FileDataset(info, cfg, split, train, layout, root)

@@ -1,0 +1,132 @@
+"""Built-in synthetic scenes: a large vocabulary with only 2-6 classes per image, generated on the fly.
+
+Class ``k`` has a fixed appearance: colour ``k % 12``, texture ``k // 12`` (8 patterns x dark/light second tone,
+then coarser periods for vocabularies above 192 classes) and a shape family. Scenes are one background class plus
+1-5 shapes (ellipse, rectangle, triangle, diamond) of 35-65 % of the image side, so every region spans several
+16-pixel patches and a class is recognisable from a patch's colour and texture alone. A scene is a pure function of
+(seed, split, index); no files are read or written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from segrank.errors import SegrankError
+
+COLOURS = {
+    "red": (220, 40, 40), "orange": (240, 140, 20), "yellow": (230, 220, 40), "lime": (140, 220, 40),
+    "green": (30, 150, 60), "teal": (30, 170, 160), "cyan": (70, 200, 240), "blue": (40, 70, 210),
+    "purple": (130, 50, 200), "magenta": (220, 50, 190), "brown": (130, 80, 40), "grey": (128, 128, 128),
+}
+PATTERNS = ["speckle", "hstripes", "vstripes", "diagonal", "antidiagonal", "checker", "dots", "grid"]
+SHAPES = ["ellipse", "rectangle", "triangle", "diamond"]
+OPTIONS = {"num_classes": 150, "image_size": 128, "train_images": 1000, "val_images": 100, "seed": 0,
+           "min_classes": 2, "max_classes": 6}
+MIN_CLASS_FRACTION = 0.04  # a class that ends up smaller than this (occluded) triggers a redraw of the layout
+NOISE_STD = 6.0
+
+
+def synthetic_options(options: dict[str, Any]) -> dict[str, int]:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise SegrankError(f"data.options.{sorted(unknown)[0]}: unknown synthetic option "
+                           f"(known: {', '.join(OPTIONS)})")
+    out = {**OPTIONS, **options}
+    for key, value in out.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SegrankError(f"data.options.{key}: expected an integer, got {value!r}")
+    if out["num_classes"] < 2 or out["image_size"] < 16:
+        raise SegrankError("data.options: synthetic needs num_classes >= 2 and image_size >= 16")
+    if not 2 <= out["min_classes"] <= out["max_classes"] <= min(out["num_classes"], 6):
+        raise SegrankError(f"data.options: need 2 <= min_classes <= max_classes <= min(num_classes, 6), got "
+                           f"{out['min_classes']}, {out['max_classes']}")
+    return out
+
+
+def class_appearance(k: int) -> tuple[int, int, int, int, int]:
+    """(colour, pattern, tone, period, shape) of class ``k``."""
+    colour, texture = k % len(COLOURS), k // len(COLOURS)
+    pattern, tone, level = texture % len(PATTERNS), (texture // len(PATTERNS)) % 2, texture // (2 * len(PATTERNS))
+    return colour, pattern, tone, 8 + 4 * level, (k + k // len(COLOURS)) % len(SHAPES)
+
+
+def synthetic_classes(num_classes: int) -> list[str]:
+    names = list(COLOURS)
+    out = []
+    for k in range(num_classes):
+        colour, pattern, tone, period, shape = class_appearance(k)
+        out.append(f"{names[colour]} {PATTERNS[pattern]} {'dark' if tone == 0 else 'light'}"
+                   + (f" p{period}" if period != 8 else "") + f" {SHAPES[shape]}")
+    return out
+
+
+def _pattern(pattern: int, period: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    half = period // 2
+    if pattern == 0:  # fixed per-pixel hash: fine-grained texture without randomness
+        return (((xx * 73856093) ^ (yy * 19349663)) >> 5) & 1
+    if pattern == 1:
+        return (yy // half) % 2
+    if pattern == 2:
+        return (xx // half) % 2
+    if pattern == 3:
+        return ((xx + yy) // half) % 2
+    if pattern == 4:
+        return ((xx - yy) // half) % 2
+    if pattern == 5:
+        return ((xx // half) + (yy // half)) % 2
+    if pattern == 6:
+        return ((xx % period) < half) & ((yy % period) < half)
+    return ((xx % period) < 2) | ((yy % period) < 2)
+
+
+def _texture(k: int, size: int) -> np.ndarray:
+    """(size, size, 3) float32 appearance of class ``k``."""
+    colour, pattern, tone, period, _ = class_appearance(k)
+    base = np.array(list(COLOURS.values())[colour], np.float32)
+    second = base * 0.45 if tone == 0 else base + (255 - base) * 0.6
+    yy, xx = np.mgrid[:size, :size]
+    on = _pattern(pattern, period, yy, xx).astype(bool)
+    return np.where(on[..., None], second, base)
+
+
+def _shape_mask(shape: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    h, w = (rng.uniform(0.35, 0.65, 2) * size).astype(int)
+    y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+    box = [x0, y0, x0 + w - 1, y0 + h - 1]
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if SHAPES[shape] == "ellipse":
+        draw.ellipse(box, fill=1)
+    elif SHAPES[shape] == "rectangle":
+        draw.rectangle(box, fill=1)
+    elif SHAPES[shape] == "triangle":
+        apex = x0 + int(rng.integers(0, w))
+        draw.polygon([(apex, y0), (x0, y0 + h - 1), (x0 + w - 1, y0 + h - 1)], fill=1)
+    else:
+        draw.polygon([(x0 + w // 2, y0), (x0 + w - 1, y0 + h // 2), (x0 + w // 2, y0 + h - 1), (x0, y0 + h // 2)],
+                     fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB image, int64 label) of scene ``index`` of ``split``."""
+    split_key = {"train": 0, "val": 1, "test": 2}.get(split, sum(map(ord, split)) + 3)
+    rng = np.random.default_rng([opts["seed"], split_key, index])
+    size = opts["image_size"]
+    count = int(rng.integers(opts["min_classes"], opts["max_classes"] + 1))
+    classes = rng.choice(opts["num_classes"], count, replace=False)
+    for _ in range(50):  # redraw the layout until every class keeps a sizeable region
+        label = np.full((size, size), classes[0], np.int64)
+        for k in classes[1:]:
+            label[_shape_mask(class_appearance(int(k))[4], size, rng)] = k
+        if np.bincount(np.searchsorted(np.sort(classes), label.ravel()), minlength=count).min() \
+                >= MIN_CLASS_FRACTION * size * size:
+            break
+    image = np.zeros((size, size, 3), np.float32)
+    for k in np.unique(label):
+        image[label == k] = _texture(int(k), size)[label == k]
+    image += rng.normal(0, NOISE_STD, image.shape).astype(np.float32)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label

@@ -1,0 +1,183 @@
+"""The reference (mmseg 0.x) train and test pipelines on numpy arrays (spec §7).
+
+Images are uint8 RGB (H, W, 3) until ``normalize``; labels are int64 (H, W) with the dataset's ignore value.
+Every random choice draws from the ``numpy.random.Generator`` passed in, never from global state, so an item is a
+pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def rescale_size(h: int, w: int, scale: tuple[float, float]) -> tuple[int, int]:
+    """mmcv ``imrescale``: the largest keep-ratio size with long side <= max(scale) and short side <= min(scale)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (half-pixel centres, no antialias, like cv2 INTER_LINEAR), rounded back to uint8."""
+    if img.shape[:2] == tuple(size):
+        return img
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour with cv2 INTER_NEAREST's source index floor(dst * src / dst_size): only existing values."""
+    h, w = label.shape
+    rows = np.minimum((np.arange(size[0]) * (h / size[0])).astype(np.int64), h - 1)
+    cols = np.minimum((np.arange(size[1]) * (w / size[1])).astype(np.int64), w - 1)
+    return label[rows[:, None], cols[None, :]]
+
+
+def random_resize(img: np.ndarray, label: np.ndarray, img_scale: tuple[int, int], ratio_range: tuple[float, float],
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """mmseg Resize(img_scale, ratio_range, keep_ratio): scale = int(img_scale * U(ratio_range)), then rescale."""
+    ratio = rng.uniform(*ratio_range)
+    scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    size = rescale_size(*img.shape[:2], scale)
+    return resize_image(img, size), resize_label(label, size)
+
+
+def crop_is_valid(crop: np.ndarray, cat_max_ratio: float, ignore_index: int) -> bool:
+    """At least two non-ignored classes and none above ``cat_max_ratio`` of the non-ignored pixels."""
+    values, counts = np.unique(crop, return_counts=True)
+    counts = counts[values != ignore_index]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def random_crop(img: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float,
+                ignore_index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """mmseg RandomCrop: up to 10 re-draws while the crop is not valid; the 11th draw is kept unchecked.
+
+    Unlike the reference (which always ignores 255), the dataset's own ignore value is excluded from the counts.
+    """
+
+    def draw() -> tuple[int, int]:
+        return (int(rng.integers(0, max(img.shape[0] - crop_size[0], 0) + 1)),
+                int(rng.integers(0, max(img.shape[1] - crop_size[1], 0) + 1)))
+
+    y, x = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            if crop_is_valid(label[y:y + crop_size[0], x:x + crop_size[1]], cat_max_ratio, ignore_index):
+                break
+            y, x = draw()
+    return img[y:y + crop_size[0], x:x + crop_size[1]], label[y:y + crop_size[0], x:x + crop_size[1]]
+
+
+def random_flip(img: np.ndarray, label: np.ndarray, prob: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if rng.random() < prob:
+        return img[:, ::-1], label[:, ::-1]
+    return img, label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PhotoMetricDistortion (mmseg defaults): uint8 in, uint8 out, with OpenCV's 8-bit HSV (H in [0, 180)).
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def rgb_to_hsv(img: np.ndarray) -> np.ndarray:
+    """OpenCV COLOR_RGB2HSV for uint8: H = hue/2 in [0, 180), S and V in [0, 255], rounded."""
+    rgb = img.astype(np.float32)
+    v = rgb.max(-1)
+    delta = v - rgb.min(-1)
+    s = np.where(v > 0, delta * 255 / np.maximum(v, 1e-6), 0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(delta, 1e-6)
+    h = np.where(v == r, 60 * (g - b) / safe, np.where(v == g, 120 + 60 * (b - r) / safe, 240 + 60 * (r - g) / safe))
+    h = np.where(delta > 0, h, 0)
+    h = np.where(h < 0, h + 360, h) / 2
+    return np.stack([np.round(h) % 180, np.round(s), v], -1).astype(np.uint8)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """OpenCV COLOR_HSV2RGB for uint8 (H in [0, 180))."""
+    h = hsv[..., 0].astype(np.float32) * 2 / 60
+    s = hsv[..., 1].astype(np.float32) / 255
+    v = hsv[..., 2].astype(np.float32)
+    sector = np.floor(h).astype(np.int64) % 6
+    f = h - np.floor(h)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = np.zeros((*hsv.shape[:-1], 3), np.float32)
+    for k, channels in enumerate(choices):
+        mask = sector == k
+        for c in range(3):
+            out[..., c][mask] = channels[c][mask]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
+                           contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """mmseg PhotoMetricDistortion: brightness, contrast first or last (random), saturation, hue; each with p=0.5."""
+
+    def contrast(x: np.ndarray) -> np.ndarray:
+        return _convert(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
+
+    if rng.integers(2):
+        img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    mode = rng.integers(2)
+    if mode == 1:
+        img = contrast(img)
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img)
+        hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        img = hsv_to_rgb(hsv)
+    if rng.integers(2):
+        hsv = rgb_to_hsv(img)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+        img = hsv_to_rgb(hsv)
+    if mode == 0:
+        img = contrast(img)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def normalize(img: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W), (x - mean) / std on the 0-255 scale."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def pad(image: torch.Tensor, label: np.ndarray, size: tuple[int, int],
+        ignore_index: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Pad bottom/right to ``size``: image with 0 (after normalisation, as mmseg), label with the ignore value."""
+    dh, dw = size[0] - image.shape[1], size[1] - image.shape[2]
+    if dh <= 0 and dw <= 0:
+        return image, label
+    image = F.pad(image, (0, max(dw, 0), 0, max(dh, 0)), value=0.0)
+    label = np.pad(label, ((0, max(dh, 0)), (0, max(dw, 0))), constant_values=ignore_index)
+    return image, label
+
+
+def train_transform(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, img_scale: tuple[int, int],
+                    ratio_range: tuple[float, float], crop_size: tuple[int, int], cat_max_ratio: float,
+                    flip_prob: float, photometric: bool, mean: tuple[float, ...], std: tuple[float, ...],
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (spec §7)."""
+    img, label = random_resize(img, label, img_scale, ratio_range, rng)
+    img, label = random_crop(img, label, crop_size, cat_max_ratio, ignore_index, rng)
+    img, label = random_flip(img, label, flip_prob, rng)
+    if photometric:
+        img = photometric_distortion(img, rng)
+    image, label = pad(normalize(img, mean, std), label, crop_size, ignore_index)
+    return image, torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+
+
+def eval_transform(img: np.ndarray, img_scale: tuple[int, int], mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> torch.Tensor:
+    """Keep-ratio resize into ``img_scale`` (bilinear) and normalise; the label stays at the original size."""
+    return normalize(resize_image(img, rescale_size(*img.shape[:2], img_scale)), mean, std)
