@@ -1,9 +1,10 @@
 """Iteration-based training, single process or DDP under ``torchrun``, resumable exactly.
 
 Determinism: the samples of step ``t`` are global positions ``t*B .. t*B+B-1`` of a stream of seeded permutations of
-the dataset (one per pass), each loaded with its own augmentation seed; the model's random numbers (dropout, drop
-path) are reseeded from (seed, step, micro-batch, rank) before every forward. Nothing random depends on history, so
-a resumed run equals an uninterrupted one, and the union over ranks of one step's samples is the single-process batch.
+the dataset (one per pass), each loaded as ``dataset[(index, seed)]`` with its own augmentation seed; the model's
+random numbers (dropout, drop path) are reseeded from (seed, step, micro-batch, rank) before every forward. Nothing
+random depends on history, so a resumed run equals an uninterrupted one, and the union over ranks of one step's
+samples is the single-process batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from segrank.checkpoints import _atomic_write, load_backbone_weights
@@ -91,21 +92,6 @@ class StepBatches(Sampler):
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum
-
-
-class SeededSamples(Dataset):
-    """Loads ``(index, seed)`` keys: the dataset's random augmentations draw from generators seeded by ``seed``."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, seed = key
-        seed_everything(seed)
-        return self.dataset[index]
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -230,7 +216,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     cfg = copy.deepcopy(cfg)  # class names get filled in below
     work_dir, tc = Path(work_dir), cfg.train
     env = setup_distributed(device)
-    info = dataset_info(cfg.data.dataset, cfg.data.options)
+    info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
     if cfg.model.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but dataset {cfg.data.dataset!r} has "
                           f"{info.num_classes} classes")
@@ -268,8 +254,9 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     sampler = StepBatches(SampleStream(len(train_set), tc.seed), start, tc.max_iters, tc.batch_size, env.rank,
                           env.world, tc.grad_accum)
-    batches = iter(DataLoader(SeededSamples(train_set), batch_sampler=sampler, num_workers=cfg.data.workers,
-                              collate_fn=collate, pin_memory=env.device.type == "cuda"))
+    # Keys are (index, augmentation seed): segrank datasets draw every random choice of an item from its seed.
+    batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate,
+                              pin_memory=env.device.type == "cuda"))
     bar = tqdm(total=tc.max_iters, initial=start, desc="train", dynamic_ncols=True, disable=not (progress and env.main))
     sums: dict[str, torch.Tensor] = {}
     logged, tick, ticked = 0, time.perf_counter(), start

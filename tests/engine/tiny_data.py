@@ -1,7 +1,6 @@
 """A tiny in-memory dataset for engine-mechanics tests, patched in as ``segrank.data``'s dataset source.
 
-Its train-time flip draws from numpy's global generator, so a test fails if the engine's per-sample seeding does not
-make augmentation independent of history (resume) and of the process count (DDP).
+Like segrank's datasets, ``dataset[(index, seed)]`` draws its train-time flip from ``default_rng(seed)``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ class TinyScenes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng(index + (0 if self.train else 10_000))
         classes = rng.choice(NUM_CLASSES, 3, replace=False)
         label = np.full((self.size, self.size), classes[0], np.int64)
@@ -34,7 +34,7 @@ class TinyScenes(torch.utils.data.Dataset):
         label[0, 0] = IGNORE
         image = self.colors[np.where(label == IGNORE, 0, label)].transpose(2, 0, 1)
         image = image + rng.normal(0, 0.2, image.shape).astype(np.float32)
-        if self.train and np.random.rand() < 0.5:
+        if self.train and np.random.default_rng(seed).random() < 0.5:
             image, label = image[:, :, ::-1], label[:, ::-1]
         return {"image": torch.from_numpy(image.copy()), "label": torch.from_numpy(label.copy()), "path": str(index),
                 "ori_size": (self.size, self.size)}
@@ -44,7 +44,7 @@ def build_dataset(cfg, split: str, train: bool) -> TinyScenes:
     return TinyScenes(cfg.options.get("num_images", 16), cfg.options.get("size", 32), train)
 
 
-def dataset_info(name: str, options: dict) -> types.SimpleNamespace:
+def dataset_info(name: str, options: dict, root: str | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(num_classes=NUM_CLASSES, ignore_index=IGNORE,
                                  class_names=[f"class{i}" for i in range(NUM_CLASSES)])
 
