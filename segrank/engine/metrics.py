@@ -1,0 +1,104 @@
+"""Segmentation metrics from an int64 confusion matrix (spec §9, with the int64/bincount fix of Q2).
+
+``hist[label, pred]`` counts valid pixels (label != ignore and inside [0, N)). IoU_c = I_c / (pred_c + label_c - I_c),
+Acc_c = I_c / label_c, both NaN where the denominator is 0; mIoU and mAcc are NaN-means over classes, so a class
+absent from both labels and predictions does not count; aAcc = sum(I) / sum(label). Fractions, not percent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """(N, N) int64 counts of (label, prediction) pairs over the valid pixels of one or more images."""
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long().to(label.device)
+    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    index = label[valid] * num_classes + pred[valid]
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def all_reduce_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over processes in place when torch.distributed is initialised (gloo or NCCL)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        buffer = tensor.to(backend_device)
+        dist.all_reduce(buffer)
+        tensor.copy_(buffer.to(tensor.device))
+    return tensor
+
+
+def summarize(hist: Tensor) -> dict[str, Any]:
+    """aAcc, mIoU, mAcc and per-class IoU/Acc (NaN where undefined) from a confusion matrix."""
+    hist = hist.double().cpu()
+    intersect, label_area, pred_area = hist.diag(), hist.sum(1), hist.sum(0)
+    union = label_area + pred_area - intersect
+    iou = intersect / union  # 0/0 -> NaN
+    acc = intersect / label_area
+    total = float(label_area.sum())
+    return {
+        "aAcc": float(intersect.sum()) / total if total else math.nan,
+        "mIoU": _nanmean(iou),
+        "mAcc": _nanmean(acc),
+        "IoU": iou.tolist(),
+        "Acc": acc.tolist(),
+        "num_pixels": int(total),
+    }
+
+
+def _nanmean(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else math.nan
+
+
+def reduce_zero_label(label: np.ndarray | Tensor, ignore_index: int) -> np.ndarray | Tensor:
+    """mmseg ``reduce_zero_label``: value 0 (unlabelled) becomes ignore, class c becomes c - 1, ignore stays ignore.
+
+    Works on the raw dtype's values (uint8 with ignore 255, int16 with ignore -1); returns int64.
+    """
+    if isinstance(label, np.ndarray):
+        raw = label.astype(np.int64)
+        return np.where((raw == 0) | (raw == ignore_index), ignore_index, raw - 1)
+    raw = label.long()
+    return torch.where((raw == 0) | (raw == ignore_index), ignore_index, raw - 1)
+
+
+def json_safe(results: dict[str, Any]) -> dict[str, Any]:
+    """NaN -> None so the JSON is standard (no bare NaN tokens)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(results)
+
+
+def format_table(results: dict[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """Per-class IoU/Acc in percent (classes never seen in labels or predictions shown as ``-``), then the summary."""
+    iou, acc = results["IoU"], results["Acc"]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
+    width = max([5, *(len(n) for n in names)])
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
+    lines += [f"{n:<{width}}  {pct(i):>7}  {pct(a):>7}" for n, i, a in zip(names, iou, acc, strict=True)]
+    lines.append("-" * (width + 18))
+    summary = f"aAcc {pct(results['aAcc'])}  mIoU {pct(results['mIoU'])}  mAcc {pct(results['mAcc'])}"
+    if "image_recall" in results:
+        summary += f"  image recall {pct(results['image_recall'])}"
+    lines.append(summary)
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Inference: sparse RankSeg evaluation equals the dense reference computation; slide and official fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from segrank import build_model
+from segrank.config import EvalConfig, ModelConfig, from_dict
+from segrank.engine.inference import aug_logits, augmentations, predict_image, window_boxes
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(os.environ.get("SEGRANK_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
+NUM_CLASSES, TOPK = 40, 5
+
+
+def fixture(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.is_dir():
+        pytest.skip(f"fixture folder {path} is absent")
+    return path
+
+
+def random_model(head: str, seed: int) -> torch.nn.Module:
+    cfg = from_dict(ModelConfig, {
+        "num_classes": NUM_CLASSES, "padding": "stretch",
+        "backbone": {"embed_dim": 32, "depth": 1, "num_heads": 2, "pos_embed_grid": [4, 4], "drop_path_rate": 0.0},
+        "head": {"type": head, "topk": TOPK, "downsample": 2, "n_layers": 2, "dropout": 0.0}})
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # spread the weights so that windows and scales select different classes
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def region_image(seed: int, size: tuple[int, int]) -> torch.Tensor:
+    """Blocks of different statistics, so windows see different content."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(1, 3, 3, 4, generator=g) * 2
+    image = F.interpolate(blocks, size=size, mode="nearest") + torch.randn(1, 3, *size, generator=g) * 0.5
+    return image[0]
+
+
+@pytest.mark.parametrize(("head", "seed"), [("rankseg", 0), ("rankseg", 1), ("rankseg_gt", 2)])
+def test_sparse_equals_dense(head, seed):
+    model = random_model(head, seed)
+    cfg = EvalConfig(mode="slide", crop_size=(32, 32), stride=(20, 20), batch_size=2,
+                     ms_scales=[0.75, 1.0, 1.5])
+    image = region_image(seed, (45, 70))
+    present = None
+    if head == "rankseg_gt":
+        present = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+        present[torch.randperm(NUM_CLASSES, generator=torch.Generator().manual_seed(seed))[:7]] = True
+    ori = (51, 83)
+    sparse = predict_image(model, image, ori, cfg, ms_flip=True, present=present)
+    dense = predict_image(model, image, ori, cfg, ms_flip=True, present=present, dense=True)
+    assert len(augmentations(cfg, True)) == 6
+    assert dense.probs.shape == (NUM_CLASSES, *ori) and sparse.label.shape == ori
+    assert len(sparse.classes) < NUM_CLASSES
+    if head == "rankseg":
+        assert len(sparse.selected) > TOPK  # windows and augmentations disagree: the union matters
+    else:
+        assert torch.equal(sparse.selected, present.nonzero()[:, 0])
+    assert torch.equal(sparse.label, dense.label)
+    torch.testing.assert_close(sparse.probs, dense.probs[sparse.classes], atol=1e-5, rtol=0)
+    # Classes never selected keep (almost) no probability in the dense reference.
+    outside = torch.ones(NUM_CLASSES, dtype=torch.bool)
+    outside[sparse.classes] = False
+    assert dense.probs[outside].max() < 1e-30
+
+
+def test_window_boxes_cover_and_shift_back():
+    boxes = window_boxes((50, 100), (64, 64), (40, 40))
+    assert boxes == [(0, 50, 0, 64), (0, 50, 36, 100)]
+    boxes = window_boxes((130, 90), (64, 64), (48, 48))
+    covered = torch.zeros(130, 90)
+    for y1, y2, x1, x2 in boxes:
+        assert (y2 - y1, x2 - x1) == (64, 64)
+        covered[y1:y2, x1:x2] += 1
+    assert covered.min() >= 1 and len(boxes) == 3 * 2
+
+
+def test_slide_fixture():
+    from segrank.checkpoints import load_model
+
+    folder = fixture("slide_inference")
+    meta = json.loads((folder / "slide.json").read_text())
+    tensors = load_file(str(folder / "slide.safetensors"))
+    model = load_model(folder / "model.pth", format="mmseg")
+    cases = {k: v for k, v in meta["cases"].items() if "windows_y1y2x1x2" in v}
+    assert cases
+    for name, case in cases.items():
+        image = tensors[f"in.{name.split('.')[0]}"]
+        cfg = EvalConfig(mode="slide", crop_size=tuple(case["crop"]), stride=tuple(case["stride"]))
+        assert window_boxes(tuple(image.shape[-2:]), cfg.crop_size, cfg.stride) == [
+            tuple(b) for b in case["windows_y1y2x1x2"]]
+        with torch.no_grad():
+            logits = aug_logits(model, image, cfg)
+        torch.testing.assert_close(logits, tensors[f"out.{name}.logits"], atol=2e-5, rtol=1e-5, msg=name)
+    for case in meta["cases"].values():
+        if "ori_shape" not in case:
+            continue
+        cfg = EvalConfig(mode="slide", crop_size=tuple(case["crop"]), stride=tuple(case["stride"]))
+        image, prefix = tensors[f"in.{case['image']}"][0], f"out.{case['image']}"
+        expected = tensors[f"{prefix}.inference.probs"][0]
+        for dense in (True, False):
+            pred = predict_image(model, image, tuple(case["ori_shape"]), cfg, dense=dense)
+            torch.testing.assert_close(pred.probs, expected[pred.classes], atol=2e-5, rtol=1e-5)
+            assert torch.equal(pred.label, tensors[f"{prefix}.simple_test.seg_pred"][0].long())
+
+
+def test_official_segmenter_inference_fixture():
+    from segrank.checkpoints import load_model
+
+    folder = fixture("official_segmenter") / "mask_transformer"
+    call = json.loads((folder / "case.json").read_text())["inference_call"]
+    tensors = load_file(str(folder / "io.safetensors"))
+    model = load_model(folder, format="segmenter")
+    image, window = tensors["in.inference.im"], call["window_size"]
+    # The official test resize (the dataset's job here): short side up to the window size when smaller, bilinear.
+    h, w = image.shape[-2:]
+    if min(h, w) < window:
+        long = int(max(h, w) / min(h, w) * window)
+        image = F.interpolate(image, (window, long) if h < w else (long, window), mode="bilinear")
+    cfg = EvalConfig(mode="slide", crop_size=(window, window), stride=(call["window_stride"],) * 2,
+                     batch_size=call["batch_size"])
+    pred = predict_image(model, image[0], tuple(call["ori_shape"]), cfg)
+    torch.testing.assert_close(pred.probs, tensors["out.inference.seg_map"], atol=2e-5, rtol=1e-5)
