@@ -82,14 +82,11 @@ def _pattern(pattern: int, period: int, yy: np.ndarray, xx: np.ndarray) -> np.nd
     return ((xx % period) < 2) | ((yy % period) < 2)
 
 
-def _texture(k: int, size: int) -> np.ndarray:
-    """(size, size, 3) float32 appearance of class ``k``."""
-    colour, pattern, tone, period, _ = class_appearance(k)
+def _tones(k: int) -> np.ndarray:
+    """(2, 3) base and second tone of class ``k``."""
+    colour, _, tone, _, _ = class_appearance(k)
     base = np.array(list(COLOURS.values())[colour], np.float32)
-    second = base * 0.45 if tone == 0 else base + (255 - base) * 0.6
-    yy, xx = np.mgrid[:size, :size]
-    on = _pattern(pattern, period, yy, xx).astype(bool)
-    return np.where(on[..., None], second, base)
+    return np.stack([base, base * 0.45 if tone == 0 else base + (255 - base) * 0.6])
 
 
 def _shape_mask(shape: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -125,8 +122,13 @@ def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.nd
         if np.bincount(np.searchsorted(np.sort(classes), label.ravel()), minlength=count).min() \
                 >= MIN_CLASS_FRACTION * size * size:
             break
-    image = np.zeros((size, size, 3), np.float32)
-    for k in np.unique(label):
-        image[label == k] = _texture(int(k), size)[label == k]
-    image += rng.normal(0, NOISE_STD, image.shape).astype(np.float32)
+    ranks = np.searchsorted(np.sort(classes), label)  # label -> 0..count-1
+    yy, xx = np.mgrid[:size, :size]
+    second = np.zeros((size, size), bool)
+    for r, k in enumerate(np.sort(classes)):
+        _, pattern, _, period, _ = class_appearance(int(k))
+        second |= (ranks == r) & _pattern(pattern, period, yy, xx).astype(bool)
+    tones = np.stack([_tones(int(k)) for k in np.sort(classes)])  # (count, 2, 3)
+    image = tones[ranks, second.astype(np.int64)]
+    image += rng.standard_normal(image.shape, dtype=np.float32) * NOISE_STD
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label

@@ -18,13 +18,28 @@ def rescale_size(h: int, w: int, scale: tuple[float, float]) -> tuple[int, int]:
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
+def _linear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of half-pixel-centre linear interpolation (edge-clamped)."""
+    x = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0)
+    x0 = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
+    x1 = np.minimum(x0 + 1, n_in - 1)
+    w1 = (x - x0).astype(np.float32)
+    return x0, x1, w1
+
+
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (half-pixel centres, no antialias, like cv2 INTER_LINEAR), rounded back to uint8."""
+    """Bilinear with half-pixel centres and no antialias (cv2 INTER_LINEAR), rounded back to uint8.
+
+    Plain numpy: the result is bit-identical whatever the thread count (DataLoader workers run single-threaded).
+    """
     if img.shape[:2] == tuple(size):
         return img
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    y0, y1, wy = _linear_taps(size[0], img.shape[0])
+    x0, x1, wx = _linear_taps(size[1], img.shape[1])
+    src = img.astype(np.float32)
+    rows = src[y0] * (1 - wy)[:, None, None] + src[y1] * wy[:, None, None]
+    out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
