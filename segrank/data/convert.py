@@ -251,14 +251,18 @@ def prepare_ade20k_full(src: Path, dst: Path, categories: Path | None = None) ->
 def coco_lvis_stuff_lut() -> np.ndarray:
     """COCO-Stuff-164k stuffthingmap value (COCO id - 1; 255 unlabelled) -> COCO+LVIS file value (class + 1).
 
-    Stuff ids 92..182 map by name into the 1284-class list (81 stuff classes, and the 10 stuff names that are also
-    LVIS names, e.g. 'table', to that LVIS class); thing pixels and unlabelled pixels become 0.
+    Stuff ids 92..182 map by name to the 81 stuff classes (indices 1203..1283; some names, e.g. 'branch', also
+    exist among the LVIS classes: the stuff entry wins); the 10 stuff names without a stuff entry ('banner',
+    'blanket', 'cabinet', 'cupboard', 'curtain', 'napkin', 'pillow', 'salad', 'table', 'towel') map to the LVIS
+    class of that name. Thing pixels and unlabelled pixels become 0.
     """
     classes = dataset_info("coco_lvis").classes
+    lvis, stuff = classes[:1203], classes[1203:]
     coco171 = dataset_info("coco_stuff10k").classes  # 80 things then the 91 stuff classes in COCO id order
     lut = np.zeros(256, np.uint16)
     for stuff_rank, name in enumerate(coco171[80:]):
-        lut[91 + stuff_rank] = classes.index(name) + 1  # COCO id 92 + rank, stored as id - 1
+        index = 1203 + stuff.index(name) if name in stuff else lvis.index(name)
+        lut[91 + stuff_rank] = index + 1  # COCO id 92 + rank, stored as id - 1
     return lut
 
 
