@@ -113,7 +113,7 @@ def _check_pair(image: Path, label_path: Path, layout: Layout, report: CheckRepo
     if outside.any():
         bad = np.unique(raw[outside])
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        report.problems.append((str(label_path), f"{int(outside.sum())} pixels with values outside the "
+        report.problems.append((str(label_path), f"{int(outside.sum())} pixels with file values outside the "
                                                  f"{info.num_classes}-class vocabulary: {shown}"))
         valid &= ~outside
     counts = np.bincount(label[valid], minlength=info.num_classes)
