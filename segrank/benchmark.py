@@ -199,9 +199,89 @@ def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int
     return records
 
 
+def bench_eval_memory(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Peak memory and time of one image's sliding-window multi-scale + flip test: sparse vs dense RankSeg."""
+    for num_classes in args.classes:
+        yield from _eval_memory_case(args, device, num_classes)
+
+
+def _eval_setup(backbone: str, num_classes: int, height: int, width: int, device: str):
+    """A seeded random RankSeg model, one normalised test image and the reference's ms+flip slide settings."""
+    from segrank.config import EvalConfig
+
+    torch.manual_seed(0)
+    model = Segmentor(model_config(backbone, "rankseg", num_classes, 512)).eval().to(device)
+    image = torch.randn(3, height, width, generator=torch.Generator().manual_seed(1)).to(device)
+    cfg = EvalConfig(mode="slide", crop_size=(512, 512), stride=(512, 512))
+    return model, image, cfg
+
+
+def _eval_once(model: Segmentor, image: torch.Tensor, cfg, dense: bool):
+    """The reference's test: scales of img_scale = (4 * short side, short side), the image's own scale-1 size."""
+    from segrank.engine.inference import predict_image
+
+    size = tuple(image.shape[-2:])
+    return predict_image(model, image, size, cfg, ms_flip=True, img_scale=(4 * min(size), min(size)), dense=dense)
+
+
+def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dense: bool, threads: int) -> tuple:
+    """Run in a fresh process: the process's peak resident memory (MB) for exactly one evaluation, and its labels."""
+    import resource
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, image, cfg = _eval_setup(backbone, num_classes, height, width, "cpu")
+    with torch.inference_mode():
+        label = _eval_once(model, image, cfg, dense).label
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, label.numpy()
+
+
+def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classes: int) -> list[dict]:
+    import multiprocessing
+
+    height, width = args.image_size
+    model, image, cfg = _eval_setup(args.backbone, num_classes, height, width, str(device))
+    paths = {"sparse": False, "dense": True}
+    with torch.inference_mode():
+        times = time_interleaved({p: (lambda d=d: _eval_once(model, image, cfg, d)) for p, d in paths.items()},
+                                 args.reps, device)
+        preds = {p: _eval_once(model, image, cfg, d) for p, d in paths.items()}
+    labels = {p: pred.label for p, pred in preds.items()}
+    peaks = {}
+    for path, dense in paths.items():
+        if device.type == "cuda":
+            with peak_memory(device) as mem, torch.inference_mode():
+                _eval_once(model, image, cfg, dense)
+            peaks[path] = mem["peak_mb"]
+        else:  # a fresh process per path: its peak resident memory is this evaluation's alone
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                peak, probe_label = pool.apply(_memory_probe, (args.backbone, num_classes, height, width, dense,
+                                                               torch.get_num_threads()))
+            peaks[path] = peak
+            labels[path + "_probe"] = torch.from_numpy(probe_label)
+    identical = bool(torch.equal(labels["sparse"], labels["dense"]))
+    return [{"benchmark": "eval-memory", "backbone": args.backbone, "image": [height, width], "classes": num_classes,
+             "path": path, "scales": list(cfg.ms_scales), "flip": True, "crop": list(cfg.crop_size),
+             "time_s": times[path], "peak_mb": peaks[path], "memory_kind": "peak RSS of a fresh process" if
+             device.type == "cpu" else "max_memory_allocated", "vs_dense_time": times[path] / times["dense"],
+             "identical_predictions": identical, "union_of_selected_classes": int(preds["sparse"].selected.numel())}
+            for path in paths]
+
+
+def bench_data(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Images/s of the reference train pipeline (512 crops), in process and through a DataLoader."""
+    from segrank.data.benchmark import benchmark_data
+
+    record = benchmark_data(crop=args.size, images=args.images, workers=args.workers)
+    record.pop("machine", None)
+    yield record
+
+
 SUBCOMMANDS: dict[str, Callable[[argparse.Namespace, torch.device], Iterator[dict[str, Any]]]] = {
     "forward": bench_forward,
     "train-step": bench_train_step,
+    "eval-memory": bench_eval_memory,
+    "data": bench_data,
 }
 
 
@@ -229,15 +309,19 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("benchmark", help="speed and memory benchmarks (JSON records)")
     bench = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    defaults = {"forward": ("vit_b16", 512, "150,1284", "1"), "train-step": ("vit_t16", 512, "150", "1,2,8")}
+    defaults = {"forward": ("vit_b16", 512, "150,1284", "1"), "train-step": ("vit_t16", 512, "150", "1,2,8"),
+                "eval-memory": ("vit_t16", 512, "150,847,1284", "1"), "data": ("vit_t16", 512, "150", "8")}
     for name in SUBCOMMANDS:
         backbone, size, classes, batch = defaults[name]
         sub = bench.add_parser(name, help=(SUBCOMMANDS[name].__doc__ or name).splitlines()[0])
         sub.add_argument("--backbone", default=backbone, choices=["vit_t16", "vit_s16", "vit_b16", "vit_l16"])
-        sub.add_argument("--size", type=int, default=size, help="square input size")
+        sub.add_argument("--size", type=int, default=size, help="square input (forward, train-step) or crop size")
         sub.add_argument("--classes", type=_int_list, default=_int_list(classes), help="comma-separated N")
         sub.add_argument("--batch", type=_int_list, default=_int_list(batch), help="comma-separated batch sizes")
         sub.add_argument("--models", nargs="+", default=["segmenter", "rankseg"], choices=["segmenter", "rankseg"])
+        sub.add_argument("--image-size", type=_int_list, default=[512, 683], help="eval-memory: test image H,W")
+        sub.add_argument("--images", type=int, default=64, help="data: images to push through the pipeline")
+        sub.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
         sub.add_argument("--reps", type=int, default=5)
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

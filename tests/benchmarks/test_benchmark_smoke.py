@@ -1,0 +1,39 @@
+"""Each benchmark sub-command runs at toy sizes and prints JSON records with the documented keys (no timings are
+asserted: speed targets live in the benchmark output, docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+MACHINE_KEYS = {"cpu", "threads", "torch", "device"}
+CASES = {
+    "forward": (["--backbone", "vit_t16", "--size", "64", "--classes", "7,30", "--reps", "1"],
+                {"model", "classes", "head_and_map_s", "end_to_end_s", "gflops", "achieved_gflops_per_s",
+                 "matmul_gflops_per_s", "fraction_of_matmul", "head_vs_segmenter", "end_to_end_vs_segmenter"}, 4),
+    "train-step": (["--size", "32", "--classes", "9", "--batch", "1,2", "--reps", "1"],
+                   {"model", "batch", "step_s", "peak_mb"}, 4),
+    "eval-memory": (["--classes", "12", "--image-size", "32,48", "--reps", "1"],
+                    {"path", "classes", "time_s", "peak_mb", "vs_dense_time", "identical_predictions",
+                     "union_of_selected_classes"}, 2),
+    "data": (["--size", "64", "--images", "4", "--workers", "1"], {"images_per_s", "dataloader_images_per_s"}, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_prints_json_records(name):
+    args, keys, count = CASES[name]
+    result = subprocess.run([sys.executable, "-m", "segrank.benchmark", name, "--json", "--threads", "1", *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == count
+    for record in records:
+        assert record["benchmark"] in (name, "data_pipeline")
+        assert keys <= set(record), keys - set(record)
+        assert set(record["machine"]) >= MACHINE_KEYS
+    if name == "eval-memory":
+        assert all(r["identical_predictions"] for r in records)
