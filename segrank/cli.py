@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from segrank.errors import SegrankError
 
 # Modules that add sub-commands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-COMMAND_MODULES: list[str] = ["segrank.checkpoints", "segrank.engine.train_commands"]
+COMMAND_MODULES: list[str] = ["segrank.checkpoints", "segrank.benchmark", "segrank.engine.train_commands",
+                              "segrank.data.commands", "segrank.engine.eval_commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,77 @@
+"""Dataset evaluation: inference per image, an int64 confusion matrix summed over processes, metrics (spec §9)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from segrank.config import EvalConfig
+from segrank.engine.inference import predict_image
+from segrank.engine.metrics import all_reduce_, confusion_matrix, summarize
+from segrank.errors import SegrankError
+from segrank.models.losses import class_histogram
+from segrank.models.segmentor import Segmentor
+
+
+def evaluate(
+    model: Segmentor,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    class_names: Sequence[str] | None = None,
+    oracle: bool = False,
+    ms_flip: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    img_scale: tuple[int, int] | None = None,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """aAcc, mIoU, mAcc, per-class ``IoU``/``Acc`` (fractions, NaN where undefined) and, for RankSeg models,
+    ``image_recall``: the mean over images of the share of the label's classes selected in some window/augmentation.
+
+    Items are dicts with ``image`` (3, H, W) normalised at test size and ``label`` (H0, W0) at the original size.
+    Under torch.distributed each process takes every world-th image and the counts are summed over processes.
+    oracle: assert GT-oracle evaluation (every window receives the image's label classes; GT-oracle models always
+    do, other models cannot). img_scale: the dataset's
+    (long, short) test scale, for the reference's exact multi-scale input sizes.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # Strided sharding without padding: no image is counted twice.
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=None, num_workers=workers)
+    hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    recall = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image recalls, images counted
+    if oracle and not model.needs_present_classes:
+        raise SegrankError("oracle evaluation needs a GT-oracle model (head type rankseg_gt)")
+    was_training = model.training
+    model.eval()
+    try:
+        for item in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+            label = torch.as_tensor(item["label"]).to(device).long()
+            counts = class_histogram(label[None], num_classes, ignore_index)[0]
+            present = counts > 0
+            pred = predict_image(model, item["image"].to(device), tuple(label.shape[-2:]), cfg, ms_flip=ms_flip,
+                                 present=present if model.needs_present_classes else None, img_scale=img_scale)
+            hist += confusion_matrix(pred.label, label, num_classes, ignore_index)
+            if pred.selected is not None and bool(present.any()):
+                recall[0] += present[pred.selected].sum() / present.sum()
+                recall[1] += 1
+    finally:
+        model.train(was_training)
+    all_reduce_(hist)
+    all_reduce_(recall)
+    results = summarize(hist)
+    if recall[1] > 0:
+        results["image_recall"] = float(recall[0] / recall[1])
+    results["num_images"] = len(dataset)
+    if class_names is not None:
+        results["class_names"] = list(class_names)
+    return results
