@@ -364,12 +364,10 @@ def _evaluate(model: Segmentor, cfg: Config, info: Any, step: int, work_dir: Pat
     from segrank.data import build_dataset
     from segrank.engine.evaluate import evaluate
 
-    model.eval()
     dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
     results = evaluate(model, dataset, cfg.eval, num_classes=cfg.model.num_classes, ignore_index=info.ignore_index,
                        class_names=cfg.model.class_names, oracle=model.needs_present_classes,
-                       progress=progress and env.main)
-    model.train()
+                       progress=progress and env.main, img_scale=cfg.data.img_scale, workers=cfg.data.workers)
     if env.main:
         path = work_dir / "eval" / f"{state.checkpoint_name(step)}.json"
         path.parent.mkdir(exist_ok=True)
