@@ -1,10 +1,11 @@
 """Built-in synthetic scenes: a large vocabulary with only 2-6 classes per image, generated on the fly.
 
-Class ``k`` has a fixed appearance: colour ``k % 12``, texture ``k // 12`` (8 patterns x dark/light second tone,
-then coarser periods for vocabularies above 192 classes) and a shape family. Scenes are one background class plus
-1-5 shapes (ellipse, rectangle, triangle, diamond) of 35-65 % of the image side, so every region spans several
-16-pixel patches and a class is recognisable from a patch's colour and texture alone. A scene is a pure function of
-(seed, split, index); no files are read or written.
+Class ``k`` has a fixed appearance: a texture pattern (8 kinds, then coarser periods for large vocabularies) drawn in
+two colours of a 12-colour palette, and a shape family. The colour pair alone separates the first 132 classes (12
+first colours x 11 second colours), so a patch's colours carry most of the identity and its texture the rest.
+Scenes are one background class plus 1-5 shapes (ellipse, rectangle, triangle, diamond) of 35-65 % of the image
+side, so every region spans several 16-pixel patches. A scene is a pure function of (seed, split, index); no files
+are read or written.
 """
 
 from __future__ import annotations
@@ -47,19 +48,21 @@ def synthetic_options(options: dict[str, Any]) -> dict[str, int]:
 
 
 def class_appearance(k: int) -> tuple[int, int, int, int, int]:
-    """(colour, pattern, tone, period, shape) of class ``k``."""
-    colour, texture = k % len(COLOURS), k // len(COLOURS)
-    pattern, tone, level = texture % len(PATTERNS), (texture // len(PATTERNS)) % 2, texture // (2 * len(PATTERNS))
-    return colour, pattern, tone, 8 + 4 * level, (k + k // len(COLOURS)) % len(SHAPES)
+    """(first colour, second colour, pattern, period, shape) of class ``k``; unique for every k."""
+    n = len(COLOURS)
+    first, rest = k % n, k // n
+    pair, group = rest % (n - 1), rest // (n - 1)  # second colour differs from the first
+    pattern = (group + first + pair) % len(PATTERNS)  # spread textures over the vocabulary
+    return first, (first + 1 + pair) % n, pattern, 8 + 4 * (group // len(PATTERNS)), (k + rest) % len(SHAPES)
 
 
 def synthetic_classes(num_classes: int) -> list[str]:
     names = list(COLOURS)
     out = []
     for k in range(num_classes):
-        colour, pattern, tone, period, shape = class_appearance(k)
-        out.append(f"{names[colour]} {PATTERNS[pattern]} {'dark' if tone == 0 else 'light'}"
-                   + (f" p{period}" if period != 8 else "") + f" {SHAPES[shape]}")
+        first, second, pattern, period, shape = class_appearance(k)
+        out.append(f"{names[first]}-{names[second]} {PATTERNS[pattern]}" + (f" p{period}" if period != 8 else "")
+                   + f" {SHAPES[shape]}")
     return out
 
 
@@ -83,10 +86,10 @@ def _pattern(pattern: int, period: int, yy: np.ndarray, xx: np.ndarray) -> np.nd
 
 
 def _tones(k: int) -> np.ndarray:
-    """(2, 3) base and second tone of class ``k``."""
-    colour, _, tone, _, _ = class_appearance(k)
-    base = np.array(list(COLOURS.values())[colour], np.float32)
-    return np.stack([base, base * 0.45 if tone == 0 else base + (255 - base) * 0.6])
+    """(2, 3) first and second colour of class ``k``."""
+    first, second, _, _, _ = class_appearance(k)
+    palette = list(COLOURS.values())
+    return np.array([palette[first], palette[second]], np.float32)
 
 
 def _shape_mask(shape: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -126,7 +129,7 @@ def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.nd
     yy, xx = np.mgrid[:size, :size]
     second = np.zeros((size, size), bool)
     for r, k in enumerate(np.sort(classes)):
-        _, pattern, _, period, _ = class_appearance(int(k))
+        _, _, pattern, period, _ = class_appearance(int(k))
         second |= (ranks == r) & _pattern(pattern, period, yy, xx).astype(bool)
     tones = np.stack([_tones(int(k)) for k in np.sort(classes)])  # (count, 2, 3)
     image = tones[ranks, second.astype(np.int64)]
