@@ -133,3 +133,35 @@ def test_official_segmenter_inference_fixture():
                      batch_size=call["batch_size"])
     pred = predict_image(model, image[0], tuple(call["ori_shape"]), cfg)
     torch.testing.assert_close(pred.probs, tensors["out.inference.seg_map"], atol=2e-5, rtol=1e-5)
+
+
+def largest_tensor(fn) -> int:
+    """Elements of the largest tensor any operation inside ``fn`` produced."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            Largest.numel = max([Largest.numel, *sizes])
+            return out
+
+    with Largest():
+        fn()
+    return Largest.numel
+
+
+def test_sparse_memory_grows_with_union_not_classes():
+    """No tensor of the sparse path has N channels at image resolution; the dense path's do."""
+    model = random_model("rankseg", 0)
+    cfg = EvalConfig(mode="slide", crop_size=(32, 32), stride=(20, 20), ms_scales=[1.0, 1.5])
+    image, ori = region_image(0, (45, 70)), (60, 90)
+    union = len(predict_image(model, image, ori, cfg, ms_flip=True).selected)
+    largest_area = max(ori[0] * ori[1], round(45 * 1.5) * round(70 * 1.5))
+    sparse = largest_tensor(lambda: predict_image(model, image, ori, cfg, ms_flip=True))
+    dense = largest_tensor(lambda: predict_image(model, image, ori, cfg, ms_flip=True, dense=True))
+    assert union < NUM_CLASSES // 2
+    assert sparse <= union * largest_area < NUM_CLASSES * ori[0] * ori[1] <= dense
