@@ -173,6 +173,10 @@ class FileDataset(SegDataset):
         label = decode_label(read_label_file(s.label), self.layout, self.info.ignore_index)
         if label.shape != img.shape[:2]:
             raise SegrankError(f"{s.label}: label size {label.shape} differs from image size {img.shape[:2]}")
+        outside = (label != self.info.ignore_index) & ((label < 0) | (label >= self.info.num_classes))
+        if outside.any():
+            raise SegrankError(f"{s.label}: {int(outside.sum())} pixels with class ids outside the "
+                               f"{self.info.num_classes}-class vocabulary (e.g. {int(label[outside][0])})")
         return img, label, str(s.image)
 
 

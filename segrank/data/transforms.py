@@ -27,15 +27,18 @@ def _linear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return x0, x1, w1
 
 
-def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_image(img: np.ndarray, size: tuple[int, int],
+                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Bilinear with half-pixel centres and no antialias (cv2 INTER_LINEAR), rounded back to uint8.
 
-    Plain numpy: the result is bit-identical whatever the thread count (DataLoader workers run single-threaded).
+    ``window`` (top, left, height, width) computes only that part of the ``size`` output, bit-identical to
+    resizing everything and cropping. Plain numpy: the result does not depend on the thread count.
     """
+    top, left, height, width = window or (0, 0, *size)
     if img.shape[:2] == tuple(size):
-        return img
-    y0, y1, wy = _linear_taps(size[0], img.shape[0])
-    x0, x1, wx = _linear_taps(size[1], img.shape[1])
+        return img[top:top + height, left:left + width]
+    y0, y1, wy = (t[top:top + height] for t in _linear_taps(size[0], img.shape[0]))
+    x0, x1, wx = (t[left:left + width] for t in _linear_taps(size[1], img.shape[1]))
     src = img.astype(np.float32)
     rows = src[y0] * (1 - wy)[:, None, None] + src[y1] * wy[:, None, None]
     out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
@@ -50,13 +53,12 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-def random_resize(img: np.ndarray, label: np.ndarray, img_scale: tuple[int, int], ratio_range: tuple[float, float],
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg Resize(img_scale, ratio_range, keep_ratio): scale = int(img_scale * U(ratio_range)), then rescale."""
+def random_scale(shape: tuple[int, int], img_scale: tuple[int, int], ratio_range: tuple[float, float],
+                 rng: np.random.Generator) -> tuple[int, int]:
+    """mmseg Resize(img_scale, ratio_range, keep_ratio): scale = int(img_scale * U(ratio_range)), then the
+    keep-ratio size of an image of ``shape`` (H, W) for that scale."""
     ratio = rng.uniform(*ratio_range)
-    scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
-    size = rescale_size(*img.shape[:2], scale)
-    return resize_image(img, size), resize_label(label, size)
+    return rescale_size(shape[0], shape[1], (int(img_scale[0] * ratio), int(img_scale[1] * ratio)))
 
 
 def crop_is_valid(crop: np.ndarray, cat_max_ratio: float, ignore_index: int) -> bool:
@@ -66,24 +68,25 @@ def crop_is_valid(crop: np.ndarray, cat_max_ratio: float, ignore_index: int) -> 
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def random_crop(img: np.ndarray, label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float,
-                ignore_index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg RandomCrop: up to 10 re-draws while the crop is not valid; the 11th draw is kept unchecked.
+def random_crop_window(label: np.ndarray, crop_size: tuple[int, int], cat_max_ratio: float, ignore_index: int,
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """mmseg RandomCrop on ``label``: up to 10 re-draws while the crop is not valid; the 11th draw is kept unchecked.
+    Returns (top, left, height, width), clipped to the label.
 
     Unlike the reference (which always ignores 255), the dataset's own ignore value is excluded from the counts.
     """
+    h, w = min(crop_size[0], label.shape[0]), min(crop_size[1], label.shape[1])
 
     def draw() -> tuple[int, int]:
-        return (int(rng.integers(0, max(img.shape[0] - crop_size[0], 0) + 1)),
-                int(rng.integers(0, max(img.shape[1] - crop_size[1], 0) + 1)))
+        return int(rng.integers(0, label.shape[0] - h + 1)), int(rng.integers(0, label.shape[1] - w + 1))
 
     y, x = draw()
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            if crop_is_valid(label[y:y + crop_size[0], x:x + crop_size[1]], cat_max_ratio, ignore_index):
+            if crop_is_valid(label[y:y + h, x:x + w], cat_max_ratio, ignore_index):
                 break
             y, x = draw()
-    return img[y:y + crop_size[0], x:x + crop_size[1]], label[y:y + crop_size[0], x:x + crop_size[1]]
+    return y, x, h, w
 
 
 def random_flip(img: np.ndarray, label: np.ndarray, prob: float,
@@ -116,20 +119,16 @@ def rgb_to_hsv(img: np.ndarray) -> np.ndarray:
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """OpenCV COLOR_HSV2RGB for uint8 (H in [0, 180))."""
-    h = hsv[..., 0].astype(np.float32) * 2 / 60
+    """OpenCV COLOR_HSV2RGB for uint8 (H in [0, 180)): channel n = V - V*S*clip(min(k, 4 - k), 0, 1) with
+    k = (n + H/30) mod 6 for n = 5, 3, 1 (R, G, B)."""
+    h = hsv[..., 0].astype(np.float32) / 30
     s = hsv[..., 1].astype(np.float32) / 255
     v = hsv[..., 2].astype(np.float32)
-    sector = np.floor(h).astype(np.int64) % 6
-    f = h - np.floor(h)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = np.zeros((*hsv.shape[:-1], 3), np.float32)
-    for k, channels in enumerate(choices):
-        mask = sector == k
-        for c in range(3):
-            out[..., c][mask] = channels[c][mask]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    out = np.empty((*hsv.shape[:-1], 3), np.float32)
+    for c, n in enumerate((5, 3, 1)):
+        k = (n + h) % 6
+        out[..., c] = v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
@@ -182,9 +181,14 @@ def train_transform(img: np.ndarray, label: np.ndarray, rng: np.random.Generator
                     ratio_range: tuple[float, float], crop_size: tuple[int, int], cat_max_ratio: float,
                     flip_prob: float, photometric: bool, mean: tuple[float, ...], std: tuple[float, ...],
                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (spec §7)."""
-    img, label = random_resize(img, label, img_scale, ratio_range, rng)
-    img, label = random_crop(img, label, crop_size, cat_max_ratio, ignore_index, rng)
+    """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (spec §7).
+
+    The crop is chosen on the resized label; only the cropped part of the image is resized (same pixels, less work).
+    """
+    size = random_scale(label.shape, img_scale, ratio_range, rng)
+    label = resize_label(label, size)
+    top, left, h, w = random_crop_window(label, crop_size, cat_max_ratio, ignore_index, rng)
+    img, label = resize_image(img, size, (top, left, h, w)), label[top:top + h, left:left + w]
     img, label = random_flip(img, label, flip_prob, rng)
     if photometric:
         img = photometric_distortion(img, rng)
