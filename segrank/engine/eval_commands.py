@@ -12,18 +12,13 @@ import torch
 from segrank.errors import SegrankError
 
 
-def _device(name: str | None) -> str:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SegrankError("--device cuda: no CUDA device available")
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _eval(args: argparse.Namespace) -> int:
     from segrank.checkpoints import _atomic_write, load_model
     from segrank.config import load_config
     from segrank.data import build_dataset, dataset_info
     from segrank.engine.evaluate import evaluate
     from segrank.engine.metrics import format_table, json_safe
+    from segrank.engine.train import setup_distributed
 
     cfg = load_config(args.config, args.set)
     info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
@@ -33,21 +28,26 @@ def _eval(args: argparse.Namespace) -> int:
                            f"{cfg.data.dataset!r} has {info.num_classes}")
     if args.oracle and not model.needs_present_classes:
         raise SegrankError(f"--oracle: {args.checkpoint} is not a GT-oracle model (head type rankseg_gt)")
-    device = _device(args.device)
-    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    eval_cfg = cfg.eval if args.batch_size is None else dataclasses.replace(cfg.eval, batch_size=args.batch_size)
-    results = evaluate(model.to(device), dataset, eval_cfg, num_classes=info.num_classes,
-                       ignore_index=info.ignore_index, class_names=info.classes, oracle=args.oracle,
-                       ms_flip=args.ms_flip, device=device, progress=not args.no_progress,
-                       img_scale=cfg.data.img_scale, workers=cfg.data.workers)
-    results |= {"checkpoint": str(args.checkpoint), "config": str(args.config), "ms_flip": args.ms_flip,
-                "oracle": args.oracle}
-    print(format_table(results, info.classes))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
     if out.is_dir():
         raise SegrankError(f"--out {out}: is a folder, expected a file name")
-    _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(json_safe(results), indent=1)))
-    print(f"segrank eval: results written to {out}")
+    env = setup_distributed(args.device)  # torchrun: each process evaluates a share of the images
+    try:
+        dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+        eval_cfg = cfg.eval if args.batch_size is None else dataclasses.replace(cfg.eval, batch_size=args.batch_size)
+        results = evaluate(model.to(env.device), dataset, eval_cfg, num_classes=info.num_classes,
+                           ignore_index=info.ignore_index, class_names=info.classes, oracle=args.oracle,
+                           ms_flip=args.ms_flip, device=env.device, progress=env.main and not args.no_progress,
+                           img_scale=cfg.data.img_scale, workers=cfg.data.workers)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if env.main:
+        results |= {"checkpoint": str(args.checkpoint), "config": str(args.config), "ms_flip": args.ms_flip,
+                    "oracle": args.oracle}
+        print(format_table(results, info.classes))
+        _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(json_safe(results), indent=1)))
+        print(f"segrank eval: results written to {out}")
     return 0
 
 
@@ -70,7 +70,10 @@ def _predict(args: argparse.Namespace) -> int:
         settings.eval = dataclasses.replace(settings.eval, batch_size=args.batch_size)
     for note in settings.notes:
         print(f"segrank predict: no setting stored with the checkpoint, using {note}")
-    written = predict_files(model, paths, out, settings, ms_flip=args.ms_flip, device=_device(args.device),
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SegrankError("--device cuda: no CUDA device available")
+    written = predict_files(model, paths, out, settings, ms_flip=args.ms_flip, device=device,
                             progress=not args.no_progress)
     print(f"segrank predict: {len(paths)} images, {len(written)} files written to {out}")
     return 0
@@ -84,7 +87,8 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ev = subparsers.add_parser("eval", help="evaluate a checkpoint on a config's validation set (mIoU, aAcc, mAcc)")
+    ev = subparsers.add_parser("eval", help="evaluate a checkpoint on a config's validation set (mIoU, aAcc, mAcc); "
+                                             "under torchrun the images are shared among the processes")
     ev.add_argument("config", help="YAML config naming the dataset and the test settings")
     ev.add_argument("checkpoint", help="model checkpoint (native .safetensors, mmseg .pth, official Segmenter)")
     ev.add_argument("--ms-flip", action="store_true", help="multi-scale (eval.ms_scales) + flip test")

@@ -62,7 +62,7 @@ def evaluate(
                                  present=present if model.needs_present_classes else None, img_scale=img_scale)
             hist += confusion_matrix(pred.label, label, num_classes, ignore_index)
             if pred.selected is not None and bool(present.any()):
-                recall[0] += present[pred.selected].sum() / present.sum()
+                recall[0] += present[pred.selected].sum().double() / present.sum()
                 recall[1] += 1
     finally:
         model.train(was_training)

@@ -184,7 +184,7 @@ def predict_files(model: Segmentor, paths: list[Path], out: Path, settings: Test
     for i, path in enumerate(paths):
         rgb = read_image(path)
         image = eval_transform(rgb, settings.img_scale, settings.mean, settings.std).to(device)
-        pred = predict_image(model, image, rgb.shape[:2], settings.eval, ms_flip=ms_flip)
+        pred = predict_image(model, image, rgb.shape[:2], settings.eval, ms_flip=ms_flip, img_scale=settings.img_scale)
         written += write_outputs(path, rgb, pred, settings, out, topk)
         if progress:
             print(f"[{i + 1}/{len(paths)}] {path} -> {out / path.stem}.png", file=sys.stderr, flush=True)
