@@ -23,6 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: SegrankError) -> str:
+    """The error's message. A DataLoader worker re-raises it with the worker's traceback around it: keep the last
+    line, the original ``module.Class: message``, without its class name."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -30,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except SegrankError as err:
-        print(f"segrank {args.command}: error: {err}", file=sys.stderr)
+        print(f"segrank {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"segrank {args.command}: interrupted", file=sys.stderr)

@@ -10,7 +10,6 @@ previous checkpoint usable. Random numbers need no saved state: the training loo
 
 from __future__ import annotations
 
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from segrank.checkpoints import _atomic_write, load_state_dict_strict, save_model
+from segrank.checkpoints import _atomic_write, _torch_load, load_state_dict_strict, save_model
 from segrank.errors import SegrankError
 from segrank.models.segmentor import Segmentor
 
@@ -37,13 +36,15 @@ def checkpoint_name(step: int) -> str:
 
 
 def check_disk_space(folder: Path, model: Segmentor, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse to start a checkpoint that cannot fit: weights + optimizer state, with a 10 % margin."""
+    """Refuse to start a checkpoint that cannot fit: weights + optimizer state, with a 10 % margin. ``folder`` may
+    not exist yet (a run's first check): its nearest existing parent holds it."""
+    folder = next(p for p in (folder, *folder.parents) if p.exists())
     need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     need += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     free = shutil.disk_usage(folder).free
     if free < 1.1 * need:
-        raise SegrankError(f"{folder}: {free / 2**20:.0f} MiB free, a checkpoint needs {need / 2**20:.0f} MiB")
+        raise SegrankError(f"{folder}: {free / 2**20:.1f} MiB free, a checkpoint needs {need / 2**20:.1f} MiB")
 
 
 def save_training_state(
@@ -95,9 +96,9 @@ def load_training_state(
     weights, state_path = folder / f"{name}.safetensors", folder / f"{name}.state.pt"
     try:
         sd = load_file(str(weights))
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise ResumeError(f"{folder / name}: checkpoint unreadable ({str(err).splitlines()[0][:200]})") from None
+    except (OSError, SafetensorError, ValueError) as err:
+        raise ResumeError(f"{weights}: checkpoint unreadable ({str(err).splitlines()[0][:200]})") from None
+    state = _torch_load(state_path)  # weights_only: refuses, with a clear message, a file that would run code
     if not isinstance(state, dict) or not {"step", "seed", "optimizer", "scaler"} <= state.keys():
         raise ResumeError(f"{state_path}: not a segrank training state")
     load_state_dict_strict(model, sd, str(weights))

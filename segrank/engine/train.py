@@ -225,12 +225,13 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     if tc.batch_size % (env.world * tc.grad_accum):
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {env.world} processes x "
                           f"grad_accum {tc.grad_accum}")
+    reach = [side * max(cfg.data.ratio_range) for side in sorted(cfg.data.img_scale)]
+    if any(c > r for c, r in zip(sorted(cfg.data.crop_size), reach, strict=True)):
+        raise ConfigError(f"data.crop_size: {list(cfg.data.crop_size)} is larger than any resized training image "
+                          f"(img_scale {list(cfg.data.img_scale)} x ratio {max(cfg.data.ratio_range)})")
     ckpt_interval = tc.checkpoint_interval or max(1, tc.max_iters // 10)
     eval_interval = tc.eval_interval or max(1, tc.max_iters // 10)
     ckpt_dir, log_path = work_dir / "checkpoints", work_dir / "log.jsonl"
-    if env.main:
-        prepare_work_dir(work_dir, cfg, resume)
-    _barrier(env)
 
     torch.manual_seed(tc.seed)
     model = Segmentor(cfg.model)
@@ -239,6 +240,11 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     model.to(env.device).train()
     optimizer = optim.build_optimizer(model, tc)
     scaler = torch.amp.GradScaler(env.device.type, enabled=tc.amp == "fp16" and env.device.type == "cuda")
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    if env.main:  # the run is refused (bad data, no room for a checkpoint) before the work directory is touched
+        state.check_disk_space(work_dir, model, optimizer)
+        prepare_work_dir(work_dir, cfg, resume)
+    _barrier(env)
     start, result = 0, {"step": 0, "checkpoint": None, "eval": None, "stopped": False}
     if resume and state.latest_checkpoint(ckpt_dir) is not None:
         saved = state.load_training_state(ckpt_dir, model, optimizer)
@@ -251,7 +257,6 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.world > 1 else None
 
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     sampler = StepBatches(SampleStream(len(train_set), tc.seed), start, tc.max_iters, tc.batch_size, env.rank,
                           env.world, tc.grad_accum)
     # Keys are (index, augmentation seed): segrank datasets draw every random choice of an item from its seed.

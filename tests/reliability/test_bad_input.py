@@ -1,0 +1,253 @@
+"""Bad input matrix: every case exits 2 with one line on stderr naming the file or key and the problem, prints no
+traceback, and leaves every file and folder under the test's tmp dir as it was (nothing written or overwritten)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segrank import build_model
+from segrank.checkpoints import export_checkpoint, save_model
+from segrank.config import ModelConfig, from_dict
+from tests.reliability.common import folder_config, folder_dataset, run_cli, snapshot, tiny_config, write_config
+
+Case = Callable[[Path], tuple[list, str]]  # tmp dir -> (CLI arguments, text the error line must contain)
+CASES: dict[str, Case] = {}
+
+
+def case(func: Case) -> Case:
+    CASES[func.__name__] = func
+    return func
+
+
+def checkpoint(path: Path, cfg: dict, **model_changes) -> Path:
+    model_cfg = from_dict(ModelConfig, {**cfg["model"], **model_changes})
+    torch.manual_seed(0)
+    return save_model(build_model(model_cfg), path)
+
+
+def eval_setup(tmp: Path, workers: int = 1) -> tuple[Path, Path, Path]:
+    """A folder dataset of 2 photos, its config and a matching checkpoint: (config, checkpoint, dataset root).
+    One DataLoader worker: errors raised in a worker process must reach the user as one line too."""
+    root = folder_dataset(tmp / "data")
+    cfg = folder_config(root, data={"workers": workers})
+    return write_config(tmp / "cfg.yaml", cfg), checkpoint(tmp / "model.safetensors", cfg), root
+
+
+def eval_args(config: Path, ckpt: Path) -> list:
+    return ["eval", config, ckpt, "--out", config.parent / "results.json", "--no-progress"]
+
+
+def train_args(tmp: Path, cfg: dict, *extra) -> list:
+    return ["train", write_config(tmp / "train.yaml", cfg), "--work-dir", tmp / "run", "--no-progress", *extra]
+
+
+# --- data files (read by segrank eval, with a worker process) -------------------------------------------------
+
+
+@case
+def truncated_jpeg(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    jpeg = root / "images" / "img1.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    return eval_args(config, ckpt), "img1.jpg: cannot read image"
+
+
+@case
+def non_image_file(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    (root / "images" / "img1.jpg").write_text("not a picture\n")
+    return eval_args(config, ckpt), "img1.jpg: cannot read image"
+
+
+@case
+def label_of_wrong_size(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / "labels" / "img1.png")
+    return eval_args(config, ckpt), "img1.png: label size (30, 40) differs from image size (60, 80)"
+
+
+@case
+def rgb_label(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(root / "labels" / "img1.png")
+    return eval_args(config, ckpt), "img1.png: label is a RGB colour image"
+
+
+@case
+def label_ids_outside_vocabulary(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    label = np.array(Image.open(root / "labels" / "img1.png"))
+    label[10:20, 10:20] = 9  # 6 classes, 255 = ignore
+    Image.fromarray(label).save(root / "labels" / "img1.png")
+    return eval_args(config, ckpt), "img1.png: 100 pixels with class ids outside the 6-class vocabulary"
+
+
+@case
+def empty_split(tmp):
+    config, ckpt, root = eval_setup(tmp)
+    (root / "splits").mkdir()
+    (root / "splits" / "val.txt").write_text("\n")
+    return eval_args(config, ckpt), "split 'val' of dataset 'folder' has no images"
+
+
+@case
+def image_without_label(tmp):
+    root = folder_dataset(tmp / "data")
+    (root / "labels" / "img1.png").unlink()
+    return train_args(tmp, folder_config(root)), "sample 'img1' has no label file"
+
+
+@case
+def missing_dataset_root(tmp):
+    cfg = tiny_config(data={"dataset": "ade20k", "root": str(tmp / "ADEChallengeData2016"), "options": {}},
+                      model={"num_classes": 150})
+    return train_args(tmp, cfg), "ADEChallengeData2016: dataset root not found"
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+
+
+@case
+def unknown_config_key(tmp):
+    return train_args(tmp, tiny_config(), "--set", "train.max_iter=5"), \
+        "train.max_iter: unknown key (did you mean 'max_iters'?)"
+
+
+@case
+def unknown_key_in_file(tmp):
+    cfg = tiny_config()
+    cfg["model"]["head"]["top_k"] = 3
+    return train_args(tmp, cfg), "model.head.top_k: unknown key (did you mean 'topk'?)"
+
+
+@case
+def wrong_value_type(tmp):
+    return train_args(tmp, tiny_config(), "--set", "train.lr=fast"), "train.lr: expected a number, got 'fast'"
+
+
+@case
+def crop_larger_than_any_image(tmp):
+    return train_args(tmp, tiny_config(), "--set", "data.crop_size=[64,128]"), "data.crop_size"
+
+
+@case
+def topk_greater_than_classes(tmp):
+    return train_args(tmp, tiny_config(), "--set", "model.head.topk=7"), \
+        "model.head.topk: 7 must be in [1, num_classes=6]"
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+@case
+def checkpoint_of_other_class_count(tmp):
+    config, _, _ = eval_setup(tmp)
+    ckpt = checkpoint(tmp / "other.safetensors", tiny_config(), num_classes=5)
+    return eval_args(config, ckpt), "other.safetensors: model has 5 classes, dataset 'folder' has 6"
+
+
+@case
+def checkpoint_of_other_architecture(tmp):
+    config, _, _ = eval_setup(tmp)
+    cfg = tiny_config()
+    ckpt = checkpoint(tmp / "deeper.safetensors", cfg, backbone={**cfg["model"]["backbone"], "depth": 2})
+    return [*eval_args(config, ckpt), "--use-config-model"], "deeper.safetensors: does not fit the architecture"
+
+
+@case
+def truncated_safetensors(tmp):
+    ckpt = checkpoint(tmp / "model.safetensors", tiny_config())
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    return ["info", ckpt], "model.safetensors: not a valid .safetensors file"
+
+
+@case
+def truncated_pth(tmp):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pth = export_checkpoint(build_model(from_dict(ModelConfig, cfg["model"])), tmp / "mmseg.pth", "mmseg")
+    pth.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
+    return ["convert", pth, "--out", tmp / "converted.safetensors"], "mmseg.pth: not a loadable checkpoint"
+
+
+@case
+def non_checkpoint_file(tmp):
+    notes = tmp / "notes.pth"
+    notes.write_text("these are my notes\n")
+    return ["info", notes], "notes.pth: not a loadable checkpoint"
+
+
+@case
+def resume_checkpoint_of_other_architecture(tmp):
+    """A work dir whose latest training checkpoint holds weights of another depth (a file copied by hand)."""
+    cfg = tiny_config(train={"max_iters": 2, "checkpoint_interval": 1})
+    args = train_args(tmp, cfg)
+    assert run_cli_quiet(args) == 0
+    ckpt_dir = tmp / "run" / "checkpoints"
+    other = tiny_config()
+    checkpoint(ckpt_dir / "iter_0000002.safetensors", other, backbone={**other["model"]["backbone"], "depth": 2})
+    return [*args, "--resume", "--set", "train.max_iters=2"], "iter_0000002.safetensors: does not fit the architecture"
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------
+
+
+@case
+def unwritable_work_dir(tmp):
+    (tmp / "a_file").write_text("")
+    return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", tmp / "a_file" / "run",
+            "--no-progress"], "a_file/run: cannot write the work directory"
+
+
+@case
+def existing_work_dir_without_resume(tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "notes.txt").write_text("an earlier run\n")
+    return train_args(tmp, tiny_config()), "run: work directory exists and is not empty (pass --resume"
+
+
+@case
+def predict_output_is_a_file(tmp):
+    _, ckpt, root = eval_setup(tmp)
+    (tmp / "out").write_text("")
+    return ["predict", ckpt, root / "images", "--out", tmp / "out", "--no-progress"], "out: exists and is not a folder"
+
+
+@case
+def not_enough_disk_space(tmp):
+    """The run's first checkpoint would not fit (disk_usage reports 1 KiB free): refused before anything is written."""
+    return train_args(tmp, tiny_config()), "MiB free, a checkpoint needs"
+
+
+def run_cli_quiet(args: list) -> int:
+    from segrank.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, capsys, monkeypatch):
+    args, expected = CASES[name](tmp_path)
+    if name == "not_enough_disk_space":
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err + out
+    assert lines[0].startswith(f"segrank {args[0]}: error: ")
+    assert expected in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_matrix_is_complete():
+    assert len(CASES) >= 20
