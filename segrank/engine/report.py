@@ -77,7 +77,7 @@ def compare_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
     """Curves of several runs on shared axes: loss_curves.png, miou_curves.png."""
     logs = {label: read_log(path) for label, path in runs.items()}
     written = []
-    for key, kind, title, name in (("loss_seg", "train", "pixel loss (loss_seg)", "loss_curves.png"),
+    for key, kind, title, name in (("loss", "train", "training loss (total of each model's terms)", "loss_curves.png"),
                                    ("mIoU", "eval", "val mIoU", "miou_curves.png")):
         if _curve(logs, key, kind, title, out_dir / name):
             written.append(out_dir / name)
