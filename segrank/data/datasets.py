@@ -72,13 +72,13 @@ def list_samples(layout: Layout, root: Path, split: str) -> tuple[list[Sample], 
         if not img_dir.is_dir():
             raise SegrankError(f"{img_dir}: image folder not found")
         suffixes = (layout.img_suffix,) if layout.img_suffix else IMAGE_EXTENSIONS
-        names = sorted(p.name[: len(p.name) - len(s)] for p in img_dir.iterdir() for s in suffixes
-                       if p.name.lower().endswith(s.lower()) and len(p.name) > len(s))
-        names = sorted(set(names))
+        # hidden files are skipped: they include the temporaries of a killed converter
+        names = sorted({p.name[: len(p.name) - len(s)] for p in img_dir.iterdir() for s in suffixes
+                        if p.name.lower().endswith(s.lower()) and len(p.name) > len(s) and p.name[0] != "."})
         if ann_dir.is_dir():
             claimed = {f"{n}{layout.seg_suffix}" for n in names}
             orphans = sorted(p for p in ann_dir.iterdir() if p.name.endswith(layout.seg_suffix)
-                             and p.name not in claimed)
+                             and p.name not in claimed and p.name[0] != ".")
     samples = []
     for name in names:
         label = ann_dir / f"{name}{layout.seg_suffix}"
