@@ -76,7 +76,7 @@ def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     clock = time.perf_counter()
     print(f"segrank demo: pretraining the shared backbone ({pretrain_iters} iterations of {BATCH} images)", flush=True)
-    stage0 = train(demo_config("linear", seed, pretrain_iters, val_images), out / "backbone", device=device)
+    stage0 = _train_stage(demo_config("linear", seed, pretrain_iters, val_images), out / "backbone", device)
     backbone = export_checkpoint(load_model(stage0["checkpoint"]), out / "backbone" / "backbone.safetensors", "timm")
     budget = {"pretrain_iters": pretrain_iters, "iters": iters, "val_images": val_images, "seed": seed,
               "pretrain_seconds": time.perf_counter() - clock}
@@ -85,10 +85,21 @@ def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int
         cfg = demo_config(head, seed, iters, val_images, pretrained=str(backbone))
         print(f"segrank demo: fine-tuning {name} ({iters} iterations of {BATCH} images)", flush=True)
         clock = time.perf_counter()
-        result = train(cfg, out / head, device=device)
+        result = _train_stage(cfg, out / head, device)
         runs[name] = {"cfg": cfg, "dir": out / head, "result": result["eval"], "checkpoint": result["checkpoint"],
                       "seconds": time.perf_counter() - clock}
     return write_report(out, runs, budget)
+
+
+class DemoInterrupted(SegrankError):
+    """A signal stopped one of the demo's trainings."""
+
+
+def _train_stage(cfg: Config, work_dir: Path, device: str) -> dict[str, Any]:
+    result = train(cfg, work_dir, device=device)
+    if result["stopped"]:
+        raise DemoInterrupted(f"interrupted while training {work_dir}; run the demo again (with --force) to restart")
+    return result
 
 
 def _colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
