@@ -80,18 +80,18 @@ def _mmseg_settings(checkpoint: Path) -> dict[str, Any]:
     """Normalisation, test scale and windows from the config text stored in an mmseg checkpoint, where present."""
     from segrank.checkpoints import parse_mmseg_config
 
-    try:
-        meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("meta") or {}
-        parsed = parse_mmseg_config(meta.get("config", ""))
-    except Exception:  # not an mmseg file, or no readable config: nothing to take from it
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # load_model has read it already
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), str):
         return {}
+    parsed = parse_mmseg_config(meta["config"])
     out: dict[str, Any] = {}
     if isinstance(parsed.get("img_norm_cfg"), dict):
         out["mean"], out["std"] = tuple(parsed["img_norm_cfg"]["mean"]), tuple(parsed["img_norm_cfg"]["std"])
     for step in parsed.get("test_pipeline") or []:
         if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug":
             out["img_scale"] = tuple(step["img_scale"])
-    test_cfg = (parsed.get("model") or {}).get("test_cfg") or {}
+    test_cfg = (parsed.get("model") or {}).get("test_cfg") or parsed.get("test_cfg") or {}  # new or old mmseg style
     if test_cfg.get("mode") in ("slide", "whole"):
         out["eval"] = EvalConfig(mode=test_cfg["mode"], crop_size=tuple(test_cfg.get("crop_size", (512, 512))),
                                  stride=tuple(test_cfg.get("stride", (512, 512))))

@@ -172,12 +172,12 @@ def test_predict_cli_outputs(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_predict_16bit_labels_and_whole_mode(tmp_path):
+def test_predict_16bit_labels_whole_mode_ms_flip(tmp_path):
     images = write_images(tmp_path / "in", [(20, 36)])
     ckpt = save_model(tiny_model("segmenter", num_classes=300), tmp_path / "big.safetensors")
     out = tmp_path / "out"
     assert main(["predict", str(ckpt), str(tmp_path / "in" / "*.png"), "--out", str(out), "--whole",
-                 "--no-progress"]) == 0
+                 "--ms-flip", "--img-scale", "48", "32", "--no-progress"]) == 0
     label = np.array(Image.open(out / f"{images[0].stem}.png"))
     assert label.dtype == np.uint16 and label.shape == (20, 36)
     assert not (out / f"{images[0].stem}.json").exists()  # no ranking for a dense Segmenter
@@ -208,3 +208,19 @@ def test_collect_inputs_rejects_colliding_names(tmp_path):
     assert collect_inputs([str(a[0]), str(a[0])]) == a  # duplicates collapse
     with pytest.raises(Exception, match="same name"):
         collect_inputs([str(a[0]), str(b[0])])
+
+
+def test_settings_from_mmseg_checkpoint_and_flags():
+    from segrank.checkpoints import load_model
+    from segrank.engine.predict import resolve_settings
+    from tests.engine.test_inference import fixture
+
+    path = fixture("full_model_mmseg") / "rankseg.pth"
+    model = load_model(path, format="mmseg")
+    settings = resolve_settings(model, path)
+    assert settings.eval.mode == "whole"  # the stored config's model.test_cfg
+    assert settings.class_names == model.cfg.class_names and len(settings.palette) == model.num_classes
+    assert any("mean/std" in note for note in settings.notes)  # no img_norm_cfg stored: the default, announced
+    settings = resolve_settings(model, path, mean=[1, 2, 3], std=[4, 5, 6], img_scale=[64, 32])
+    assert (settings.mean, settings.std, settings.img_scale) == ((1, 2, 3), (4, 5, 6), (64, 32))
+    assert not any("mean/std" in note for note in settings.notes)
