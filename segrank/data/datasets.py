@@ -40,10 +40,9 @@ def _split_dir(template: str, layout: Layout, split: str) -> str:
     return template.format(split=layout.splits.get(split, split))
 
 
-def resolve_split(layout: Layout, split: str, name: str) -> str:
+def check_split(layout: Layout, split: str, name: str) -> None:
     if layout.splits and split not in layout.splits:
         raise SegrankError(f"dataset {name!r}: unknown split {split!r} (known: {', '.join(layout.splits)})")
-    return split
 
 
 def _find_image(img_dir: Path, stem: str, suffix: str) -> Path | None:
@@ -207,6 +206,6 @@ def build_dataset(cfg: DataConfig, split: str, train: bool) -> SegDataset:
     if not root.is_dir():
         raise SegrankError(f"{root}: dataset root not found (data.root of dataset {cfg.dataset!r})")
     layout = folder_layout(root) if cfg.dataset == "folder" else spec.layout
-    resolve_split(layout, split, cfg.dataset)
+    check_split(layout, split, cfg.dataset)
     info = dataset_info(cfg.dataset, None, root)
     return FileDataset(info, cfg, split, train, layout, root)
