@@ -136,9 +136,14 @@ def test_ranks_share_each_step_batch(world, accum):
     assert list(engine.StepBatches(stream, 3, 6, 4, 0, 1, 1)) == single[3:]
 
 
-def test_batch_must_divide_over_processes(tmp_path):
+def test_config_must_fit_processes_and_dataset(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
         engine.train(tiny_config(batch_size=3, grad_accum=2), tmp_path / "run", progress=False)
+    cfg = tiny_config()
+    cfg.model.num_classes = tiny_data.NUM_CLASSES + 1
+    with pytest.raises(ConfigError, match=f"model.num_classes: {tiny_data.NUM_CLASSES + 1}, but dataset"):
+        engine.train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 # ---------------------------------------------------------------------------------------------------------------
