@@ -44,7 +44,7 @@ class TestSettings:
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
     """Files, folders (their images, sorted, not recursive) and glob patterns -> image paths, in order."""
-    paths: list[Path] = []
+    paths: dict[Path, None] = {}  # ordered set
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -59,13 +59,13 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
                 raise SegrankError(f"{item}: pattern matches no file")
         else:
             raise SegrankError(f"{item}: no such file or folder")
-        paths += [p for p in found if p not in paths]
+        paths.update(dict.fromkeys(found))
     stems: dict[str, Path] = {}
     for p in paths:
         if p.stem in stems:
             raise SegrankError(f"{p} and {stems[p.stem]}: same name, outputs would collide (use separate --out)")
         stems[p.stem] = p
-    return paths
+    return list(paths)
 
 
 def _run_config(checkpoint: Path) -> Path | None:
