@@ -15,7 +15,8 @@ import torch.nn.functional as F
 def rescale_size(h: int, w: int, scale: tuple[float, float]) -> tuple[int, int]:
     """mmcv ``imrescale``: the largest keep-ratio size with long side <= max(scale) and short side <= min(scale)."""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
+    # At least one pixel: a very elongated image would otherwise lose a side (mmcv/cv2 then fail).
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
 def _linear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,8 +92,8 @@ def random_crop_window(label: np.ndarray, crop_size: tuple[int, int], cat_max_ra
 
 def random_flip(img: np.ndarray, label: np.ndarray, prob: float,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    if rng.random() < prob:
-        return img[:, ::-1], label[:, ::-1]
+    if rng.random() < prob:  # copies: a flipped view of width 1 looks contiguous to numpy, not to torch.from_numpy
+        return img[:, ::-1].copy(), label[:, ::-1].copy()
     return img, label
 
 
