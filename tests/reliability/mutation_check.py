@@ -1,0 +1,86 @@
+"""Shows that each reliability test guards its protection: breaks one protection at a time in a copy of the tree and
+runs the test that should catch it. Not collected by pytest; run ``python tests/reliability/mutation_check.py``
+(about 3 minutes on 2 cores). Prints CAUGHT (the tests fail, as they must) or NOT CAUGHT per mutation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+T = "tests/reliability/"
+
+# (what is broken, file, original text, broken text, pytest arguments)
+MUTATIONS = [
+    ("checkpoint files written in place instead of temp file + rename", "segrank/checkpoints.py",
+     "        write(tmp)\n        os.replace(tmp, path)", "        write(str(path))", T + "test_kill_resume.py"),
+    ("'latest' pointer renamed into place before the optimizer state is written", "segrank/engine/state.py",
+     '    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))\n'
+     '    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\\n"))',
+     '    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\\n"))\n'
+     '    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))', T + "test_kill_resume.py"),
+    ("second signal no longer exits at once", "segrank/engine/train.py", "            os._exit(128 + signum)",
+     "            pass", T + "test_stop_and_nonfinite.py -k second"),
+    ("non-finite loss not stopped", "segrank/engine/train.py", '                if tc.nonfinite == "stop":',
+     "                if False:", T + "test_stop_and_nonfinite.py -k stops"),
+    ("no vocabulary check of label files", "segrank/data/datasets.py", "        if outside.any():", "        if False:",
+     T + "test_bad_input.py -k vocabulary"),
+    ("DataLoader worker errors printed with their traceback", "segrank/cli.py", '    if text.startswith("Caught ")',
+     "    if False", T + "test_bad_input.py -k 'jpeg or non_image or wrong_size or rgb_label'"),
+    ("work dir written before the data is checked", "segrank/engine/train.py",
+     "    torch.manual_seed(tc.seed)\n    model = Segmentor(cfg.model)",
+     "    if env.main:\n        prepare_work_dir(work_dir, cfg, resume)\n    torch.manual_seed(tc.seed)\n"
+     "    model = Segmentor(cfg.model)", T + "test_bad_input.py -k without_label"),
+    ("no disk-space check", "segrank/engine/state.py", "    if free < 1.1 * need:", "    if False:",
+     T + "test_bad_input.py -k disk"),
+    ("no crop-size check", "segrank/engine/train.py", "    if any(c > r for c, r in zip(sorted(cfg.data.crop_size)",
+     "    if False and any(c > r for c, r in zip(sorted(cfg.data.crop_size)", T + "test_bad_input.py -k crop"),
+    ("pickles loaded with weights_only=False", "segrank/checkpoints.py",
+     'torch.load(path, map_location="cpu", weights_only=True)',
+     'torch.load(path, map_location="cpu", weights_only=False)', T + "test_no_code_execution.py"),
+    ("config YAML loaded unsafely", "segrank/config.py", "yaml.safe_load(path.read_text())",
+     "yaml.unsafe_load(path.read_text())", T + "test_no_code_execution.py -k config_yaml"),
+    ("variant.yml loaded unsafely", "segrank/checkpoints.py", "class _VariantLoader(yaml.SafeLoader)",
+     "class _VariantLoader(yaml.UnsafeLoader)", T + "test_no_code_execution.py -k variant"),
+    ("mmseg config text executed", "segrank/checkpoints.py", "        tree = ast.parse(text)",
+     "        exec(text, {})\n        tree = ast.parse(text)", T + "test_no_code_execution.py -k mmseg_config"),
+    ("flip moves the image but not the label", "segrank/data/transforms.py",
+     "return img[:, ::-1].copy(), label[:, ::-1].copy()", "return img[:, ::-1].copy(), label.copy()",
+     T + "test_fuzz.py -k aligned"),
+    ("data order not seeded", "segrank/engine/train.py",
+     "generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))",
+     "generator = torch.Generator()\n            generator.seed()", T + "test_determinism.py"),
+]
+
+
+def main() -> int:
+    missed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "work_dirs", "demo_output"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy)}
+        for what, path, original, broken, tests in MUTATIONS:
+            file = copy / path
+            source = file.read_text()
+            if source.count(original) != 1:
+                print(f"STALE  {what}: the original text is no longer in {path}")
+                missed += 1
+                continue
+            file.write_text(source.replace(original, broken))
+            try:
+                run = subprocess.run(f"{sys.executable} -m pytest -q -x -p no:cacheprovider {tests}", shell=True,
+                                     cwd=copy, env=env, capture_output=True, text=True)
+            finally:
+                file.write_text(source)
+            caught = run.returncode != 0
+            missed += not caught
+            print(f"{'CAUGHT' if caught else 'NOT CAUGHT'}  {what}  ({tests})", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
