@@ -24,8 +24,8 @@ from segrank.engine.train import train
 from segrank.errors import SegrankError
 
 NUM_CLASSES = 150
-IMAGE_SIZE = 32
-PATCH = 4
+IMAGE_SIZE = 64
+PATCH = 8  # the synthetic textures have an 8-pixel period: one patch sees a whole period
 TOPK = 30
 PRETRAIN_ITERS = 300
 ITERS = 200
@@ -37,7 +37,7 @@ HEADS = {"segmenter": "Segmenter", "rankseg": "Segmenter + RankSeg"}
 
 
 def demo_config(head: str, seed: int, iters: int, val_images: int, pretrained: str | None = None) -> Config:
-    """A 4-block 128-d ViT with 4-pixel patches on 32x32 scenes of 150 classes (2-6 per image)."""
+    """A 4-block 128-d ViT with 8-pixel patches on 64x64 scenes of 150 classes (2-6 per image)."""
     head_cfg: dict[str, Any] = {"type": head, "n_layers": 2, "dropout": 0.0}
     if head == "rankseg":
         # n_layers 3 = the multi-label encoder layer + the same 2 mask-transformer blocks as the Segmenter head.
@@ -121,11 +121,12 @@ def write_report(out: Path, runs: dict[str, dict[str, Any]], budget: dict[str, A
     first = next(iter(runs.values()))["cfg"]
     report.compare_curves({name: run["dir"] for name, run in runs.items()}, out)
     ious = {name: run["result"]["IoU"] for name, run in runs.items()}
-    report.per_class_iou_chart(ious, out / "per_class_iou.png", first.model.class_names)
+    info = dataset_info("synthetic", first.data.options)
+    report.per_class_iou_chart(ious, out / "per_class_iou.png", info.class_names)
 
     models = {name: load_model(run["checkpoint"]) for name, run in runs.items()}
     val = build_dataset(first.data, first.data.val_split, train=False)
-    palette = np.array(dataset_info("synthetic", first.data.options).palette, np.uint8)
+    palette = np.array(info.palette, np.uint8)
     rows = []
     with torch.no_grad():
         for i in range(min(GRID_IMAGES, len(val))):

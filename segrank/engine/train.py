@@ -376,8 +376,19 @@ def _evaluate(model: Segmentor, cfg: Config, info: Any, step: int, work_dir: Pat
     if env.main:
         path = work_dir / "eval" / f"{state.checkpoint_name(step)}.json"
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results | {"step": step}, indent=1)))
+        text = json.dumps(_nan_to_none(results | {"step": step}))  # standard JSON: NaN (undefined IoU) -> null
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
         summary = {k: results[k] for k in ("mIoU", "aAcc", "mAcc", "image_recall") if k in results}
         append_log(work_dir / "log.jsonl", {"type": "eval", "step": step} | summary)
         report.plot_training_curves(work_dir)
     return results
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
