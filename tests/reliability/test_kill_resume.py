@@ -74,7 +74,7 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
     rng = random.Random(6)
     # (kind, argument): "time" kills at a random moment after the run saved `argument` more steps; "write" kills
     # halfway through the n-th write of the named file (model weights, then optimizer state).
-    kills = [("time", 1), ("write", "safetensors:2"), ("time", 2), ("write", "state.pt:1"), ("time", 1)]
+    kills = [("time", 2), ("write", "safetensors:2"), ("time", 2), ("write", "state.pt:1"), ("time", 2)]
     for i, (kind, arg) in enumerate(kills):
         start = saved_step(ckpt_dir)
         env = subprocess_env() | ({"KILL_IN_WRITE": arg} if kind == "write" else {})
@@ -82,10 +82,15 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
                                  "--no-progress", *(["--resume"] if i else [])], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if kind == "time":
-            deadline = time.monotonic() + 120
-            while saved_step(ckpt_dir) < start + arg and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))  # lands anywhere in the next steps: compute, log or checkpoint write
+            deadline, seen, changes = time.monotonic() + 120, start, []
+            while seen < start + arg and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                if saved_step(ckpt_dir) != seen:
+                    seen, changes = saved_step(ckpt_dir), changes + [time.monotonic()]
+            # A step (compute, log, checkpoint write) lasts about the time between the last two checkpoints: the
+            # kill lands at a random moment of the next step or so, whatever the machine's speed.
+            step_time = changes[-1] - changes[-2] if len(changes) > 1 else 0.1
+            time.sleep(rng.uniform(0.0, 1.5 * step_time))
             proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL, f"kill {i} missed: the run ended with {proc.returncode}\n{err}"
