@@ -128,10 +128,7 @@ def model_config(backbone: str, head: str, num_classes: int, size: int) -> Model
 
 def class_map_from_features(model: Segmentor, features, size: tuple[int, int]) -> torch.Tensor:
     """Decode head + full-resolution class map, given backbone features (the part RankSeg changes)."""
-    out = model.decode_head(features.feature_map, features.class_tokens)
-    logits = model.to_input_size(out.mask_logits, size)
-    pred = logits.argmax(1)
-    return pred if out.class_index is None else out.class_index.gather(1, pred.flatten(1)).view_as(pred)
+    return model.output_to_class_map(model.decode_head(features.feature_map, features.class_tokens), size)
 
 
 def bench_forward(args: argparse.Namespace, device: torch.device) -> Iterator[dict[str, Any]]:
