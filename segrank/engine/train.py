@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib.util
 import json
 import os
 import random
@@ -186,8 +188,25 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 
 def append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append a record to log.jsonl, and mirror its numbers to TensorBoard when that package is installed."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    writer = tensorboard_writer(path.parent)
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ("type", "step") and isinstance(value, (int, float)):
+                writer.add_scalar(f"{record['type']}/{key}", value, record["step"])
+        writer.flush()
+
+
+@functools.cache
+def tensorboard_writer(work_dir: Path) -> Any:
+    """A SummaryWriter on ``work_dir/tensorboard`` if the optional tensorboard package is installed, else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(work_dir / "tensorboard"))
 
 
 def truncate_log(path: Path, step: int) -> None:

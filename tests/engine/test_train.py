@@ -324,3 +324,24 @@ def test_second_signal_exits_at_once(monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
         assert exits == [128 + signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_log_records_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    from segrank.engine import train as train_module
+
+    scalars = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(train_module, "tensorboard_writer", lambda work_dir: Writer())
+    train_module.append_log(tmp_path / "log.jsonl", {"type": "train", "step": 5, "loss": 1.5, "lr": 1e-3, "x": "s"})
+    assert scalars == [("train/loss", 1.5, 5), ("train/lr", 1e-3, 5)]
+    assert '"loss": 1.5' in (tmp_path / "log.jsonl").read_text()
+    monkeypatch.setattr(train_module, "tensorboard_writer", lambda work_dir: None)
+    train_module.append_log(tmp_path / "log.jsonl", {"type": "eval", "step": 6, "mIoU": 0.5})
+    assert len(scalars) == 2
