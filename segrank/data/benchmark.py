@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from typing import Any
 
 import torch
 
+from segrank.benchmark import machine_info
 from segrank.config import DataConfig
 from segrank.data.datasets import build_dataset
-
-
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_threads": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -48,4 +36,4 @@ def benchmark_data(crop: int = 512, images: int = 64, workers: int = 2, batch_si
     with_workers = count / (time.perf_counter() - start)  # includes worker start-up
     return {"benchmark": "data_pipeline", "dataset": "synthetic", "crop": crop, "image_size": image_size,
             "images": images, "images_per_s": round(in_process, 2), "workers": workers, "batch_size": batch_size,
-            "dataloader_images_per_s": round(with_workers, 2), "machine": machine_info()}
+            "dataloader_images_per_s": round(with_workers, 2), "machine": machine_info(torch.device("cpu"))}
