@@ -53,3 +53,10 @@ def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
     actual = actual.detach().reshape(expected.shape).to(expected.dtype)
     mismatches = int((actual != expected).sum())
     assert mismatches == 0, f"{name}: {mismatches} of {expected.numel()} entries differ"
+
+
+def index_cases(folder_path: Path) -> list:
+    """One pytest param per top-level key of ``folder_path/index.json`` (none when the folder is absent)."""
+    if not (folder_path / "index.json").is_file():
+        return []
+    return [pytest.param(name, id=name) for name in read_json(folder_path / "index.json")]

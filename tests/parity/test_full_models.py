@@ -10,18 +10,12 @@ import torch
 import segrank
 from segrank.cli import main
 
-from .common import FIXTURES, LOSS_TOL, assert_close, assert_equal, read_json, tensors
+from .common import FIXTURES, LOSS_TOL, assert_close, assert_equal, index_cases, read_json, tensors
 
 FOLDER = FIXTURES / "full_model_mmseg"
 
 
-def cases() -> list:
-    if not (FOLDER / "index.json").is_file():
-        return []
-    return [pytest.param(name, id=name) for name in read_json(FOLDER / "index.json")]
-
-
-@pytest.mark.parametrize("case", cases())
+@pytest.mark.parametrize("case", index_cases(FOLDER))
 def test_converted_checkpoint_reproduces_reference(case, tmp_path):
     meta = read_json(FOLDER / f"{case}.json")
     out = tmp_path / f"{case}.safetensors"

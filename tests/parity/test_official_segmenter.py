@@ -9,18 +9,12 @@ import torch
 
 import segrank
 
-from .common import FIXTURES, assert_close, read_json, tensors
+from .common import FIXTURES, assert_close, index_cases, read_json, tensors
 
 FOLDER = FIXTURES / "official_segmenter"
 
 
-def cases() -> list:
-    if not (FOLDER / "index.json").is_file():
-        return []
-    return [pytest.param(name, id=name) for name in read_json(FOLDER / "index.json")]
-
-
-@pytest.mark.parametrize("case", cases())
+@pytest.mark.parametrize("case", index_cases(FOLDER))
 def test_official_checkpoint_logits(case):
     meta = read_json(FOLDER / case / "case.json")
     model = segrank.load_model(FOLDER / meta["checkpoint_file"])
