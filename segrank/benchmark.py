@@ -219,16 +219,23 @@ def _eval_once(model: Segmentor, image: torch.Tensor, cfg, dense: bool):
     return predict_image(model, image, size, cfg, ms_flip=True, img_scale=(4 * min(size), min(size)), dense=dense)
 
 
-def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dense: bool, threads: int) -> tuple:
-    """Run in a fresh process: the process's peak resident memory (MB) for exactly one evaluation, and its labels."""
-    import resource
+def _vm_hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM). Unlike ``getrusage``'s ru_maxrss, it is not inherited from the
+    parent across fork + exec, so a spawned child reports only its own peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
+
+def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dense: bool, threads: int) -> tuple:
+    """Run in a fresh process: its peak resident memory (MB) before and after exactly one evaluation, and the
+    labels."""
     if threads:
         torch.set_num_threads(threads)
     model, image, cfg = _eval_setup(backbone, num_classes, height, width, "cpu")
+    before = _vm_hwm_mb()
     with torch.inference_mode():
         label = _eval_once(model, image, cfg, dense).label
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, label.numpy()
+    return before, _vm_hwm_mb(), label.numpy()
 
 
 def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classes: int) -> list[dict]:
@@ -237,28 +244,31 @@ def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classe
     height, width = args.image_size
     model, image, cfg = _eval_setup(args.backbone, num_classes, height, width, str(device))
     paths = {"sparse": False, "dense": True}
+    preds = {}
+
+    def evaluate(path: str) -> None:
+        preds[path] = _eval_once(model, image, cfg, paths[path])
+
     with torch.inference_mode():
-        times = time_interleaved({p: (lambda d=d: _eval_once(model, image, cfg, d)) for p, d in paths.items()},
-                                 args.reps, device)
-        preds = {p: _eval_once(model, image, cfg, d) for p, d in paths.items()}
-    labels = {p: pred.label for p, pred in preds.items()}
-    peaks = {}
+        times = time_interleaved({p: (lambda p=p: evaluate(p)) for p in paths}, args.reps, device)
+    labels = [pred.label for pred in preds.values()]
+    memory = {}
     for path, dense in paths.items():
         if device.type == "cuda":
             with peak_memory(device) as mem, torch.inference_mode():
                 _eval_once(model, image, cfg, dense)
-            peaks[path] = mem["peak_mb"]
-        else:  # a fresh process per path: its peak resident memory is this evaluation's alone
+            memory[path] = {"peak_mb": mem["peak_mb"]}
+        else:  # a fresh process per path, so that the peak is this evaluation's alone
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                peak, probe_label = pool.apply(_memory_probe, (args.backbone, num_classes, height, width, dense,
-                                                               torch.get_num_threads()))
-            peaks[path] = peak
-            labels[path + "_probe"] = torch.from_numpy(probe_label)
-    identical = bool(torch.equal(labels["sparse"], labels["dense"]))
+                before, peak, label = pool.apply(_memory_probe, (args.backbone, num_classes, height, width, dense,
+                                                                 torch.get_num_threads()))
+            memory[path] = {"peak_mb": peak, "before_eval_mb": before}
+            labels.append(torch.from_numpy(label))
+    identical = all(torch.equal(labels[0], label) for label in labels[1:])
+    kind = "peak RSS (VmHWM) of a fresh process" if device.type == "cpu" else "max_memory_allocated increase"
     return [{"benchmark": "eval-memory", "backbone": args.backbone, "image": [height, width], "classes": num_classes,
              "path": path, "scales": list(cfg.ms_scales), "flip": True, "crop": list(cfg.crop_size),
-             "time_s": times[path], "peak_mb": peaks[path], "memory_kind": "peak RSS of a fresh process" if
-             device.type == "cpu" else "max_memory_allocated", "vs_dense_time": times[path] / times["dense"],
+             "time_s": times[path], **memory[path], "memory_kind": kind, "vs_dense_time": times[path] / times["dense"],
              "identical_predictions": identical, "union_of_selected_classes": int(preds["sparse"].selected.numel())}
             for path in paths]
 

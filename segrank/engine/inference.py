@@ -104,44 +104,71 @@ def run_windows(model: Segmentor, image: Tensor, cfg: EvalConfig, present: Tenso
     return results
 
 
+# Channels merged at a time: the canvas of the largest scale then holds this many channels, not all of them. A multiple
+# of 16, as on tiny grids PyTorch's bilinear kernel vectorises over groups of up to 16 channels and a chunk that
+# split a group would round differently from the whole tensor.
+CHANNEL_CHUNK = 32
+
+
 def merge_windows(model: Segmentor, outputs: list[tuple[Box, SegOutput]], size: tuple[int, int],
-                  classes: Tensor | None = None) -> Tensor:
-    """Average the windows' logits on a (1, C, H, W) canvas. ``classes`` None: all N classes (``out.dense()``);
-    else only those classes, a window's unselected ones at -100 exactly as in the dense canvas."""
+                  classes: Tensor) -> Tensor:
+    """Average the windows' logits of ``classes`` (C,) on a (1, C, H, W) canvas; a RankSeg window's unselected
+    classes count as -100 exactly as in the reference's dense canvas."""
     num_classes = outputs[0][1].num_classes
-    channels = num_classes if classes is None else len(classes)
     first = outputs[0][1].mask_logits
-    canvas = first.new_zeros(1, channels, *size)
+    canvas = first.new_zeros(1, len(classes), *size)
     count = first.new_zeros(1, 1, *size)
-    if classes is not None:
-        slot_of = torch.full((num_classes,), -1, dtype=torch.long, device=first.device)
-        slot_of[classes] = torch.arange(len(classes), device=first.device)
+    slot_of = torch.full((num_classes,), -1, dtype=torch.long, device=first.device)
+    slot_of[classes] = torch.arange(len(classes), device=first.device)
     for (y1, y2, x1, x2), out in outputs:
-        if classes is None:
-            grid = out.dense()
+        if out.class_index is None:
+            grid = out.mask_logits[:, classes]
         else:
             index, logits = out.class_index[0], out.mask_logits[0]
-            keep = index >= 0  # -1: GT-oracle padding slot
-            grid = logits.new_full((1, channels, *logits.shape[1:]), FILL_LOGIT)
-            grid[0, slot_of[index[keep]]] = logits[keep]
+            slot = slot_of[index.clamp(min=0)]
+            keep = (index >= 0) & (slot >= 0)  # index -1: GT-oracle padding slot
+            grid = logits.new_full((1, len(classes), *logits.shape[1:]), FILL_LOGIT)
+            grid[0, slot[keep]] = logits[keep]
         canvas[..., y1:y2, x1:x2] += model.to_input_size(grid, (y2 - y1, x2 - x1))
         count[..., y1:y2, x1:x2] += 1
-    return canvas / count
+    return canvas.div_(count)
+
+
+def original_size_logits(model: Segmentor, outputs: list[tuple[Box, SegOutput]], size: tuple[int, int],
+                         ori_size: tuple[int, int], classes: Tensor, flip: bool) -> Tensor:
+    """(1, C, *ori_size) logits of one augmentation: windows merged at its input ``size``, resized to the original
+    size, un-flipped. Done ``CHANNEL_CHUNK`` channels at a time (each channel's arithmetic is independent), so the
+    largest tensor held is this result rather than a canvas of the largest scale."""
+    logits = outputs[0][1].mask_logits.new_empty(1, len(classes), *ori_size)
+    for start in range(0, len(classes), CHANNEL_CHUNK):
+        part = merge_windows(model, outputs, size, classes[start:start + CHANNEL_CHUNK])
+        if size != ori_size:
+            part = F.interpolate(part, size=ori_size, mode="bilinear", align_corners=False)
+        logits[:, start:start + CHANNEL_CHUNK] = part.flip(-1) if flip else part
+    return logits
+
+
+# exp(x) for x < -87 is subnormal in fp32, where the vectorised exp is ~15x slower; -100-filled channels land there.
+# Raising such exponents to -87 changes only probabilities below 2e-38, too small to move any sum or argmax.
+EXP_FLOOR = -87.0
 
 
 def softmax_with_fill(logits: Tensor, num_missing: int) -> Tensor:
-    """Softmax over dim 1 of ``logits`` plus ``num_missing`` further channels whose logit is -100 everywhere."""
-    if num_missing == 0:
-        return logits.softmax(1)
-    top = logits.amax(1, keepdim=True).clamp(min=FILL_LOGIT)
-    e = (logits - top).exp()
-    return e / (e.sum(1, keepdim=True) + num_missing * (FILL_LOGIT - top).exp())
+    """Softmax over dim 1 of ``logits`` plus ``num_missing`` further channels whose logit is -100 everywhere.
+    Computed in place in ``logits`` (the sparse path's largest tensors), which it returns."""
+    top = logits.amax(1, keepdim=True).clamp_(min=FILL_LOGIT)
+    e = logits.sub_(top).clamp_(min=EXP_FLOOR).exp_()
+    total = e.sum(1, keepdim=True)
+    if num_missing:
+        total += (FILL_LOGIT - top).clamp_(min=EXP_FLOOR).exp_() * num_missing
+    return e.div_(total)
 
 
 def aug_logits(model: Segmentor, image: Tensor, cfg: EvalConfig, present: Tensor | None = None) -> Tensor:
     """Dense (1, N, H, W) logits of one input (mmseg ``slide_inference``/``whole_inference`` without rescale)."""
     outputs = run_windows(model, image, cfg, present)
-    return merge_windows(model, outputs, tuple(image.shape[-2:]))
+    classes = torch.arange(outputs[0][1].num_classes, device=image.device)
+    return merge_windows(model, outputs, tuple(image.shape[-2:]), classes)
 
 
 @torch.no_grad()
@@ -170,17 +197,12 @@ def predict_image(model: Segmentor, image: Tensor, ori_size: tuple[int, int], cf
         selected = torch.unique(index[index >= 0])
         if outputs[0].image_logits is not None:
             image_scores = torch.cat([out.image_logits for out in outputs]).sigmoid().mean(0)
-    classes = selected if sparse and not dense else None
+    classes = selected if sparse and not dense else torch.arange(num_classes, device=image.device)
 
     probs = None
     for flip, aug_size, outs in runs:
-        logits = merge_windows(model, outs, aug_size, classes)
-        if aug_size != ori_size:
-            logits = F.interpolate(logits, size=ori_size, mode="bilinear", align_corners=False)
-        p = softmax_with_fill(logits, 0 if classes is None else num_classes - len(classes))
-        p = p.flip(-1) if flip else p
-        probs = p if probs is None else probs + p
-    probs = probs[0] / len(runs)
-    if classes is None:
-        classes = torch.arange(num_classes, device=probs.device)
+        logits = original_size_logits(model, outs, aug_size, ori_size, classes, flip)
+        p = logits.softmax(1) if len(classes) == num_classes else softmax_with_fill(logits, num_classes - len(classes))
+        probs = p if probs is None else probs.add_(p)
+    probs = probs[0].div_(len(runs))
     return Prediction(classes[probs.argmax(0)], probs, classes, selected, image_scores)

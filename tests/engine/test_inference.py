@@ -76,6 +76,26 @@ def test_sparse_equals_dense(head, seed):
     assert dense.probs[outside].max() < 1e-30
 
 
+@pytest.mark.parametrize(("head", "dense"), [("rankseg_gt", False), ("rankseg", True)])
+def test_channel_chunks_change_no_bit(monkeypatch, head, dense):
+    """Merging a few channels at a time (to bound memory) gives bit-identical probabilities. (Chunks are multiples
+    of 16: on tiny grids PyTorch's bilinear kernel vectorises over groups of channels, and a chunk that splits a
+    group rounds differently.)"""
+    from segrank.engine import inference
+
+    model = random_model(head, 1)
+    cfg = EvalConfig(mode="slide", crop_size=(32, 32), stride=(20, 20), ms_scales=[0.75, 1.5])
+    image = region_image(1, (45, 70))
+    present = torch.arange(NUM_CLASSES) % 4 != 0  # GT oracle: 30 classes, so the sparse path has 2 chunks
+    results = []
+    for chunk in (16, 10_000):
+        monkeypatch.setattr(inference, "CHANNEL_CHUNK", chunk)
+        results.append(predict_image(model, image, (51, 83), cfg, ms_flip=True, dense=dense,
+                                     present=present if head == "rankseg_gt" else None))
+    assert len(results[0].classes) > 16
+    assert torch.equal(results[0].probs, results[1].probs)
+
+
 def test_window_boxes_cover_and_shift_back():
     boxes = window_boxes((50, 100), (64, 64), (40, 40))
     assert boxes == [(0, 50, 0, 64), (0, 50, 36, 100)]
