@@ -2,8 +2,9 @@
 ``python -m segrank.benchmark ...``).
 
 Timings: warm-up, then the median of ``--reps`` repetitions; compared variants run interleaved in one process so
-their ratios hold on a noisy machine. Memory: the peak resident-memory increase of the measured work on CPU
-(sampled), or ``torch.cuda.max_memory_allocated`` on GPU.
+their ratios hold on a noisy machine. Memory: on CPU the peak resident memory (VmHWM) of a freshly spawned process
+that runs exactly the measured work, with the process's peak before the work alongside; on GPU the increase of
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,40 +39,37 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """Yields a dict that holds ``peak_mb`` (increase over the start) once the block ends."""
+def cuda_peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict that holds ``peak_mb``, the peak of allocated GPU memory over the start, once the block ends."""
     result: dict[str, float] = {}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    yield result
+    torch.cuda.synchronize(device)
+    result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM). Unlike ``getrusage``'s ru_maxrss, it is not inherited from the
+    parent across fork + exec, so a spawned child reports only its own peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a newly spawned interpreter, so that the peak memory it reads is its work's alone."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
-        return
-    start = _rss_bytes()
-    peak = [start]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        result["peak_mb"] = (peak[0] - start) / 2**20
+        return "torch.cuda.max_memory_allocated increase"
+    return "peak resident memory (VmHWM) of a fresh process: torch, model and data included"
 
 
 def _sync(device: torch.device) -> None:
@@ -168,29 +164,53 @@ def bench_train_step(args: argparse.Namespace, device: torch.device) -> Iterator
         yield from _train_case(args, device, args.classes[0], batch)
 
 
-def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int, batch: int) -> list[dict]:
-    models = {h: Segmentor(model_config(args.backbone, h, num_classes, args.size)).train().to(device)
-              for h in args.models}
-    optims = {h: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for h, m in models.items()}
+def _train_setup(backbone: str, head: str, num_classes: int, size: int, batch: int, device: torch.device
+                 ) -> Callable[[], None]:
+    """One SGD step (forward, loss, backward, momentum update) of a seeded model on a fixed batch."""
+    torch.manual_seed(0)
+    model = Segmentor(model_config(backbone, head, num_classes, size)).train().to(device)
+    optim = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, args.size, args.size, generator=gen).to(device)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     # a few large regions per image, as in real labels
     coarse = torch.randint(0, num_classes, (batch, 1, 4, 4), generator=gen).float()
-    labels = F.interpolate(coarse, size=(args.size, args.size), mode="nearest")[:, 0].long().to(device)
+    labels = F.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long().to(device)
 
-    def step(h: str) -> None:
-        optims[h].zero_grad(set_to_none=True)
-        models[h].loss(models[h](x), labels, ignore_index=-1)["loss"].backward()
-        optims[h].step()
+    def step() -> None:
+        optim.zero_grad(set_to_none=True)
+        model.loss(model(x), labels, ignore_index=-1)["loss"].backward()
+        optim.step()
 
-    times = time_interleaved({h: (lambda h=h: step(h)) for h in models}, args.reps, device)
+    return step
+
+
+def _train_probe(backbone: str, head: str, num_classes: int, size: int, batch: int, threads: int
+                 ) -> tuple[float, float]:
+    """Run in a fresh process: peak resident memory (MB) before and after two training steps."""
+    torch.set_num_threads(threads)
+    step = _train_setup(backbone, head, num_classes, size, batch, torch.device("cpu"))
+    before = _vm_hwm_mb()
+    for _ in range(2):  # the second step holds the optimiser state too
+        step()
+    return before, _vm_hwm_mb()
+
+
+def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int, batch: int) -> list[dict]:
+    steps = {h: _train_setup(args.backbone, h, num_classes, args.size, batch, device) for h in args.models}
+    times = time_interleaved(steps, args.reps, device)
     records = []
-    for h in models:
-        with peak_memory(device) as mem:
-            step(h)
+    for h in steps:
+        if device.type == "cuda":
+            with cuda_peak_memory(device) as mem:
+                steps[h]()
+            memory = {"peak_mb": mem["peak_mb"]}
+        else:
+            before, peak = in_fresh_process(_train_probe, args.backbone, h, num_classes, args.size, batch,
+                                            torch.get_num_threads())
+            memory = {"peak_mb": peak, "before_steps_mb": before}
         records.append({"benchmark": "train-step", "backbone": args.backbone, "size": args.size,
-                        "classes": num_classes, "batch": batch, "model": h, "step_s": times[h],
-                        "peak_mb": mem["peak_mb"]})
+                        "classes": num_classes, "batch": batch, "model": h, "step_s": times[h], **memory,
+                        "memory_kind": _memory_kind(device)})
     return records
 
 
@@ -219,13 +239,6 @@ def _eval_once(model: Segmentor, image: torch.Tensor, cfg, dense: bool):
     return predict_image(model, image, size, cfg, ms_flip=True, img_scale=(4 * min(size), min(size)), dense=dense)
 
 
-def _vm_hwm_mb() -> float:
-    """This process's peak resident memory (VmHWM). Unlike ``getrusage``'s ru_maxrss, it is not inherited from the
-    parent across fork + exec, so a spawned child reports only its own peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dense: bool, threads: int) -> tuple:
     """Run in a fresh process: its peak resident memory (MB) before and after exactly one evaluation, and the
     labels."""
@@ -239,8 +252,6 @@ def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dens
 
 
 def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classes: int) -> list[dict]:
-    import multiprocessing
-
     height, width = args.image_size
     model, image, cfg = _eval_setup(args.backbone, num_classes, height, width, str(device))
     paths = {"sparse": False, "dense": True}
@@ -255,20 +266,19 @@ def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classe
     memory = {}
     for path, dense in paths.items():
         if device.type == "cuda":
-            with peak_memory(device) as mem, torch.inference_mode():
+            with cuda_peak_memory(device) as mem, torch.inference_mode():
                 _eval_once(model, image, cfg, dense)
             memory[path] = {"peak_mb": mem["peak_mb"]}
         else:  # a fresh process per path, so that the peak is this evaluation's alone
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                before, peak, label = pool.apply(_memory_probe, (args.backbone, num_classes, height, width, dense,
-                                                                 torch.get_num_threads()))
+            before, peak, label = in_fresh_process(_memory_probe, args.backbone, num_classes, height, width, dense,
+                                                   torch.get_num_threads())
             memory[path] = {"peak_mb": peak, "before_eval_mb": before}
             labels.append(torch.from_numpy(label))
     identical = all(torch.equal(labels[0], label) for label in labels[1:])
-    kind = "peak RSS (VmHWM) of a fresh process" if device.type == "cpu" else "max_memory_allocated increase"
     return [{"benchmark": "eval-memory", "backbone": args.backbone, "image": [height, width], "classes": num_classes,
              "path": path, "scales": list(cfg.ms_scales), "flip": True, "crop": list(cfg.crop_size),
-             "time_s": times[path], **memory[path], "memory_kind": kind, "vs_dense_time": times[path] / times["dense"],
+             "time_s": times[path], "vs_dense_time": times[path] / times["dense"],
+             **memory[path], "memory_kind": _memory_kind(device),
              "identical_predictions": identical, "union_of_selected_classes": int(preds["sparse"].selected.numel())}
             for path in paths]
 

@@ -15,9 +15,9 @@ CASES = {
                 {"model", "classes", "head_and_map_s", "end_to_end_s", "gflops", "achieved_gflops_per_s",
                  "matmul_gflops_per_s", "fraction_of_matmul", "head_vs_segmenter", "end_to_end_vs_segmenter"}, 4),
     "train-step": (["--size", "32", "--classes", "9", "--batch", "1,2", "--reps", "1"],
-                   {"model", "batch", "step_s", "peak_mb"}, 4),
+                   {"model", "batch", "step_s", "peak_mb", "before_steps_mb", "memory_kind"}, 4),
     "eval-memory": (["--classes", "12", "--image-size", "32,48", "--reps", "1"],
-                    {"path", "classes", "time_s", "peak_mb", "vs_dense_time", "identical_predictions",
+                    {"path", "classes", "time_s", "peak_mb", "before_eval_mb", "vs_dense_time", "identical_predictions",
                      "union_of_selected_classes"}, 2),
     "data": (["--size", "64", "--images", "4", "--workers", "1"], {"images_per_s", "dataloader_images_per_s"}, 1),
 }
@@ -37,3 +37,16 @@ def test_benchmark_prints_json_records(name):
         assert set(record["machine"]) >= MACHINE_KEYS
     if name == "eval-memory":
         assert all(r["identical_predictions"] for r in records)
+
+
+def test_fresh_process_peak_is_its_own():
+    """The CPU memory probe reads the child's own peak, not one inherited from a parent that used more
+    (``getrusage`` ru_maxrss carries the parent's peak across fork + exec)."""
+    import torch
+
+    from segrank.benchmark import _vm_hwm_mb, in_fresh_process
+
+    ballast = torch.ones(200 * 2**20)  # 800 MB resident in this process
+    assert _vm_hwm_mb() > 800
+    assert in_fresh_process(_vm_hwm_mb) < 700
+    del ballast
