@@ -132,13 +132,17 @@ def bench_forward(args: argparse.Namespace, device: torch.device) -> Iterator[di
         yield from _forward_case(args, device, num_classes, mm)
 
 
+AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _forward_case(args: argparse.Namespace, device: torch.device, num_classes: int, mm: float) -> list[dict]:
     models = {h: Segmentor(model_config(args.backbone, h, num_classes, args.size)).eval().to(device)
               for h in args.models}
     x = torch.randn(1, 3, args.size, args.size, device=device)
     size = (args.size, args.size)
     records = []
-    with torch.inference_mode():
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "none")
+    with torch.inference_mode(), autocast:
         features = {h: m.backbone(x) for h, m in models.items()}
         head_fns = {h: (lambda m=m, f=features[h]: class_map_from_features(m, f, size)) for h, m in models.items()}
         e2e_fns = {h: (lambda m=m: m.class_map(x)) for h, m in models.items()}
@@ -149,7 +153,7 @@ def _forward_case(args: argparse.Namespace, device: torch.device, num_classes: i
             achieved = flops / e2e_times[h] / 1e9
             records.append({
                 "benchmark": "forward", "backbone": args.backbone, "size": args.size, "classes": num_classes,
-                "model": h, "head_and_map_s": head_times[h], "end_to_end_s": e2e_times[h],
+                "model": h, "amp": args.amp, "head_and_map_s": head_times[h], "end_to_end_s": e2e_times[h],
                 "gflops": flops / 1e9, "achieved_gflops_per_s": achieved, "matmul_gflops_per_s": mm,
                 "fraction_of_matmul": achieved / mm,
                 "head_vs_segmenter": head_times[h] / head_times.get("segmenter", head_times[h]),
@@ -340,6 +344,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--reps", type=int, default=5)
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        sub.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="forward: autocast dtype")
         sub.add_argument("--json", action="store_true", help="one JSON object per line")
         sub.set_defaults(func=_run)
 

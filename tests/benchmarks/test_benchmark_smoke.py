@@ -10,10 +10,12 @@ import sys
 import pytest
 
 MACHINE_KEYS = {"cpu", "threads", "torch", "device"}
+FORWARD = ["--backbone", "vit_t16", "--size", "64", "--classes", "7,30", "--reps", "1"]
 CASES = {
-    "forward": (["--backbone", "vit_t16", "--size", "64", "--classes", "7,30", "--reps", "1"],
-                {"model", "classes", "head_and_map_s", "end_to_end_s", "gflops", "achieved_gflops_per_s",
-                 "matmul_gflops_per_s", "fraction_of_matmul", "head_vs_segmenter", "end_to_end_vs_segmenter"}, 4),
+    "forward": (FORWARD, {"model", "classes", "amp", "head_and_map_s", "end_to_end_s", "gflops",
+                          "achieved_gflops_per_s", "matmul_gflops_per_s", "fraction_of_matmul", "head_vs_segmenter",
+                          "end_to_end_vs_segmenter"}, 4),
+    "forward --amp bf16": ([*FORWARD, "--amp", "bf16"], {"amp", "end_to_end_s", "gflops"}, 4),
     "train-step": (["--size", "32", "--classes", "9", "--batch", "1,2", "--reps", "1"],
                    {"model", "batch", "step_s", "peak_mb", "before_steps_mb", "memory_kind"}, 4),
     "eval-memory": (["--classes", "12", "--image-size", "32,48", "--reps", "1"],
@@ -26,6 +28,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_benchmark_prints_json_records(name):
     args, keys, count = CASES[name]
+    name = name.split()[0]
     result = subprocess.run([sys.executable, "-m", "segrank.benchmark", name, "--json", "--threads", "1", *args],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
