@@ -148,7 +148,7 @@ def original_size_logits(model: Segmentor, outputs: list[tuple[Box, SegOutput]],
     return logits
 
 
-# exp(x) for x < -87 is subnormal in fp32, where the vectorised exp is ~15x slower; -100-filled channels land there.
+# exp(x) for x < -87 is subnormal in fp32, where the vectorised exp is ~13x slower; -100-filled channels land there.
 # Raising such exponents to -87 changes only probabilities below 2e-38, too small to move any sum or argmax.
 EXP_FLOOR = -87.0
 
