@@ -72,6 +72,31 @@ def _memory_kind(device: torch.device) -> str:
     return "peak resident memory (VmHWM) of a fresh process: torch, model and data included"
 
 
+def _run_and_read_peak(threads: int, setup: Callable[..., Callable[[], Any]], *args: Any) -> tuple:
+    """Run in a fresh process: ``work = setup(*args)``, then ``work()``; the process's peak resident memory (MB)
+    before and after the work, and the work's result."""
+    torch.set_num_threads(threads)
+    work = setup(*args)
+    before = _vm_hwm_mb()
+    result = work()
+    return before, _vm_hwm_mb(), result
+
+
+def measure_memory(device: torch.device, setup: Callable[..., Callable[[], Any]], *args: Any
+                   ) -> tuple[float, float | None, Any]:
+    """Peak memory (MB) of ``setup(*args)()``, the memory before it (CPU only, else None) and its result.
+
+    CPU: both read in a freshly spawned process (``setup`` and ``args`` must pickle), so the peak is this work's
+    alone; GPU: the increase of ``torch.cuda.max_memory_allocated`` over the work, after the setup."""
+    if device.type == "cuda":
+        work = setup(*args)
+        with cuda_peak_memory(device) as mem:
+            result = work()
+        return mem["peak_mb"], None, result
+    before, peak, result = in_fresh_process(_run_and_read_peak, torch.get_num_threads(), setup, *args)
+    return peak, before, result
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -188,15 +213,16 @@ def _train_setup(backbone: str, head: str, num_classes: int, size: int, batch: i
     return step
 
 
-def _train_probe(backbone: str, head: str, num_classes: int, size: int, batch: int, threads: int
-                 ) -> tuple[float, float]:
-    """Run in a fresh process: peak resident memory (MB) before and after two training steps."""
-    torch.set_num_threads(threads)
-    step = _train_setup(backbone, head, num_classes, size, batch, torch.device("cpu"))
-    before = _vm_hwm_mb()
-    for _ in range(2):  # the second step holds the optimiser state too
+def _two_train_steps(backbone: str, head: str, num_classes: int, size: int, batch: int, device: torch.device
+                     ) -> Callable[[], None]:
+    """The memory benchmark's work: two steps, so that the optimiser state exists during the second."""
+    step = _train_setup(backbone, head, num_classes, size, batch, device)
+
+    def work() -> None:
         step()
-    return before, _vm_hwm_mb()
+        step()
+
+    return work
 
 
 def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int, batch: int) -> list[dict]:
@@ -204,17 +230,11 @@ def _train_case(args: argparse.Namespace, device: torch.device, num_classes: int
     times = time_interleaved(steps, args.reps, device)
     records = []
     for h in steps:
-        if device.type == "cuda":
-            with cuda_peak_memory(device) as mem:
-                steps[h]()
-            memory = {"peak_mb": mem["peak_mb"]}
-        else:
-            before, peak = in_fresh_process(_train_probe, args.backbone, h, num_classes, args.size, batch,
-                                            torch.get_num_threads())
-            memory = {"peak_mb": peak, "before_steps_mb": before}
+        peak, before, _ = measure_memory(device, _two_train_steps, args.backbone, h, num_classes, args.size, batch,
+                                         device)
         records.append({"benchmark": "train-step", "backbone": args.backbone, "size": args.size,
-                        "classes": num_classes, "batch": batch, "model": h, "step_s": times[h], **memory,
-                        "memory_kind": _memory_kind(device)})
+                        "classes": num_classes, "batch": batch, "model": h, "step_s": times[h], "peak_mb": peak,
+                        "before_steps_mb": before, "memory_kind": _memory_kind(device)})
     return records
 
 
@@ -224,7 +244,7 @@ def bench_eval_memory(args: argparse.Namespace, device: torch.device) -> Iterato
         yield from _eval_memory_case(args, device, num_classes)
 
 
-def _eval_setup(backbone: str, num_classes: int, height: int, width: int, device: str):
+def _eval_setup(backbone: str, num_classes: int, height: int, width: int, device: torch.device):
     """A seeded random RankSeg model, one normalised test image and the reference's ms+flip slide settings."""
     from segrank.config import EvalConfig
 
@@ -243,21 +263,21 @@ def _eval_once(model: Segmentor, image: torch.Tensor, cfg, dense: bool):
     return predict_image(model, image, size, cfg, ms_flip=True, img_scale=(4 * min(size), min(size)), dense=dense)
 
 
-def _memory_probe(backbone: str, num_classes: int, height: int, width: int, dense: bool, threads: int) -> tuple:
-    """Run in a fresh process: its peak resident memory (MB) before and after exactly one evaluation, and the
-    labels."""
-    if threads:
-        torch.set_num_threads(threads)
-    model, image, cfg = _eval_setup(backbone, num_classes, height, width, "cpu")
-    before = _vm_hwm_mb()
-    with torch.inference_mode():
-        label = _eval_once(model, image, cfg, dense).label
-    return before, _vm_hwm_mb(), label.numpy()
+def _eval_labels(backbone: str, num_classes: int, height: int, width: int, dense: bool, device: torch.device
+                 ) -> Callable[[], Any]:
+    """The memory benchmark's work: one evaluation of a fresh model, returning its label map as an array."""
+    model, image, cfg = _eval_setup(backbone, num_classes, height, width, device)
+
+    def work() -> Any:
+        with torch.inference_mode():
+            return _eval_once(model, image, cfg, dense).label.cpu().numpy()
+
+    return work
 
 
 def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classes: int) -> list[dict]:
     height, width = args.image_size
-    model, image, cfg = _eval_setup(args.backbone, num_classes, height, width, str(device))
+    model, image, cfg = _eval_setup(args.backbone, num_classes, height, width, device)
     paths = {"sparse": False, "dense": True}
     preds = {}
 
@@ -266,18 +286,13 @@ def _eval_memory_case(args: argparse.Namespace, device: torch.device, num_classe
 
     with torch.inference_mode():
         times = time_interleaved({p: (lambda p=p: evaluate(p)) for p in paths}, args.reps, device)
-    labels = [pred.label for pred in preds.values()]
+    labels = [pred.label.cpu() for pred in preds.values()]
     memory = {}
     for path, dense in paths.items():
-        if device.type == "cuda":
-            with cuda_peak_memory(device) as mem, torch.inference_mode():
-                _eval_once(model, image, cfg, dense)
-            memory[path] = {"peak_mb": mem["peak_mb"]}
-        else:  # a fresh process per path, so that the peak is this evaluation's alone
-            before, peak, label = in_fresh_process(_memory_probe, args.backbone, num_classes, height, width, dense,
-                                                   torch.get_num_threads())
-            memory[path] = {"peak_mb": peak, "before_eval_mb": before}
-            labels.append(torch.from_numpy(label))
+        peak, before, label = measure_memory(device, _eval_labels, args.backbone, num_classes, height, width, dense,
+                                             device)
+        memory[path] = {"peak_mb": peak, "before_eval_mb": before}
+        labels.append(torch.from_numpy(label))
     identical = all(torch.equal(labels[0], label) for label in labels[1:])
     return [{"benchmark": "eval-memory", "backbone": args.backbone, "image": [height, width], "classes": num_classes,
              "path": path, "scales": list(cfg.ms_scales), "flip": True, "crop": list(cfg.crop_size),
