@@ -28,7 +28,8 @@ MAX_DIFF: dict[str, float] = defaultdict(float)
 def folder(name: str) -> Path:
     path = FIXTURES / name
     if not path.is_dir():
-        pytest.skip(f"fixture folder {path} is absent")
+        pytest.fail(f"fixture folder {path} is absent (the golden files live in ../shared/fixtures; "
+                    "set SEGRANK_FIXTURES_DIR to read them elsewhere)")
     return path
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from segrank.checkpoints import _from_mmseg_name
+from segrank.checkpoints.mmseg import from_mmseg_name
 from segrank.models.losses import presence_targets
 from segrank.models.segmentor import Segmentor
 
 from .common import FIXTURES, LOSS_TOL, assert_close, assert_equal, read_json, tensors
+from .common import folder as fixture_folder
 from .reference import load_part, model_config
 
 HEAD_TYPES = ("MaskTransformerHead", "MaskTransformerRankSegHead", "MaskTransformerRankSegGTHead",
@@ -121,7 +122,7 @@ def test_head_parameter_gradients(folder, case):
         loss.backward()
         params = dict(model.named_parameters())
         for ref_name, expected in grads.items():
-            param = params[_from_mmseg_name(f"decode_head.{ref_name}")]
+            param = params[from_mmseg_name(f"decode_head.{ref_name}")]
             assert param.grad is not None, f"{ref_name}: no gradient"
             assert_close(f"{folder.name}/{case} grad", param.grad, expected, LOSS_TOL)
         break
@@ -130,9 +131,7 @@ def test_head_parameter_gradients(folder, case):
 
 def test_gt_oracle_batches_images_with_different_class_counts():
     """B > 1 with a different number of present classes per image equals per-image runs (the reference: B = 1)."""
-    folder = FIXTURES / "gt_head"
-    if not folder.is_dir():
-        pytest.skip("no gt_head fixtures")
+    folder = fixture_folder("gt_head")
     index = read_json(folder / "index.json")
     by_grid: dict[tuple, list] = {}
     for case in index["cases"]:
@@ -141,7 +140,7 @@ def test_gt_oracle_batches_images_with_different_class_counts():
     group = max(by_grid.values(), key=len)
     counts = {int(t["out.train.masks"].shape[1]) for _, t in group}
     if len(group) < 2 or len(counts) < 2:
-        pytest.skip("needs two same-size GT cases with different class counts")
+        pytest.fail("the gt_head fixtures hold no two same-size cases with different class counts")
     meta = read_json(folder / f"{group[0][0]}.json")
     model = build_head(folder, meta, meta["constructor_kwargs"])
     batch = {"in.x": torch.cat([t["in.x"] for _, t in group]),
