@@ -1,25 +1,199 @@
-"""``segrank`` command line: one sub-command per job. Bad input exits 2 with one clear line."""
+"""``segrank`` command line: every command and its flags, in one place; the handlers live in commands.py.
+Bad input exits 2 with one clear line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from segrank import commands
+from segrank.benchmarks.measure import AMP_DTYPES, BACKBONES
+from segrank.checkpoints import FORMATS
+from segrank.data import DATASETS
+from segrank.data.convert import CONVERTERS
 from segrank.errors import SegrankError
 
-# Modules that add sub-commands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-COMMAND_MODULES: list[str] = ["segrank.checkpoints", "segrank.benchmark", "segrank.engine.train_commands",
-                              "segrank.data.commands", "segrank.engine.eval_commands"]
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+
+
+def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a reference checkpoint to segrank's .safetensors")
+    p.add_argument("--from", dest="format", choices=["auto", *FORMATS[1:]], default="auto",
+                   help="layout of SRC (default: detect)")
+    p.add_argument("src", help="checkpoint file (official Segmenter: checkpoint.pth or its folder)")
+    p.add_argument("--config", help="YAML config giving the architecture (needed for npz/timm)")
+    p.add_argument("--out", required=True, help="destination .safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=commands.convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint: architecture, classes, parameters")
+    p.add_argument("ckpt")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto")
+    p.add_argument("--config", help="YAML config for formats that do not carry their architecture")
+    p.set_defaults(func=commands.info)
+
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config (single process or torchrun)")
+    p.add_argument("config", help="YAML config file (configs/<dataset>/<row>.yaml)")
+    _set_option(p, "train.max_iters=1000")
+    p.add_argument("--work-dir", help="run folder (default: work_dirs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its last checkpoint")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=commands.train_command)
+
+    p = sub.add_parser("demo", help="train and compare a small Segmenter and Segmenter + RankSeg on built-in "
+                                    "synthetic data (CPU, a few minutes), then write a report")
+    p.add_argument("--out", default="demo_output", help="report folder (default: demo_output); must be new or empty")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default: 0)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    # Reduced budgets for tests.
+    p.add_argument("--iters", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--val-images", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=commands.demo)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a config's validation set (mIoU, aAcc, mAcc); under "
+                                    "torchrun the images are shared among the processes")
+    p.add_argument("config", help="YAML config naming the dataset and the test settings")
+    p.add_argument("checkpoint", help="model checkpoint (native .safetensors, mmseg .pth, official Segmenter)")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale (eval.ms_scales) + flip test")
+    p.add_argument("--oracle", action="store_true", help="GT-oracle model: every window receives the label's classes "
+                                                         "(implied for such models)")
+    _set_option(p, "eval.mode=whole")
+    p.add_argument("--use-config-model", action="store_true",
+                   help="build the model from the config's model section instead of the checkpoint's")
+    p.add_argument("--out", help="results JSON (default: <checkpoint>.eval.json)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--batch-size", type=positive_int, help="windows per forward pass (default: eval.batch_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=commands.eval_command)
+
+    p = sub.add_parser("predict", help="segment image files: label, colour and overlay PNGs (+ RankSeg class "
+                                       "ranking JSON)")
+    p.add_argument("checkpoint", help="model checkpoint")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="YAML config giving normalisation, test scale and windows (default: the "
+                                    "training run's config.yaml beside the checkpoint, if any)")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--slide", dest="mode", action="store_const", const="slide", help="sliding-window inference")
+    mode.add_argument("--whole", dest="mode", action="store_const", const="whole", help="whole-image inference")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0-255)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0-255)")
+    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio test scale")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--batch-size", type=positive_int, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no per-image progress lines")
+    p.set_defaults(func=commands.predict, mode=None)
+
+
+def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("datasets", help="list, check and prepare datasets")
+    actions = parser.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
+
+    p = actions.add_parser("list", help="the known datasets with their classes, ignore value and normalisation")
+    p.set_defaults(func=commands.datasets_list)
+
+    p = actions.add_parser("check", help="verify a dataset on disk; exit 2 when any problem is found")
+    p.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
+    p.add_argument("root", type=Path)
+    p.add_argument("--split", action="append", help="check only this split (repeatable)")
+    p.add_argument("--top", type=int, default=20, help="classes shown in the histogram")
+    p.set_defaults(func=commands.datasets_check)
+
+    p = actions.add_parser("prepare", help="convert an official release into the layout segrank reads")
+    p.add_argument("name", choices=list(CONVERTERS))
+    p.add_argument("src", type=Path, help="the unpacked official release")
+    p.add_argument("dst", type=Path, help="output root (use it as data.root)")
+    p.add_argument("--categories", type=Path,
+                   help="ade20k_full only: JSON list of {id, trainId} (MaskFormer's categories) instead of names")
+    p.set_defaults(func=commands.datasets_prepare)
+
+
+def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("benchmark", help="speed and memory benchmarks (JSON records)")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    def bench(name: str, help: str, func: Callable[[argparse.Namespace], int], device: bool = True
+              ) -> argparse.ArgumentParser:
+        p = benches.add_parser(name, help=help)
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        if device:
+            p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        p.set_defaults(func=func, device="cpu")
+        return p
+
+    def backbone(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--backbone", default=default, choices=BACKBONES)
+
+    def models(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models", nargs="+", default=["segmenter", "rankseg"], choices=["segmenter", "rankseg"])
+
+    def reps(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (median reported)")
+
+    p = bench("forward", "latency of the decode head + class map and end to end, with FLOPs",
+              commands.benchmark_forward)
+    backbone(p, "vit_b16")
+    p.add_argument("--size", type=positive_int, default=512, help="square input side")
+    p.add_argument("--classes", type=int_list, default=[150, 1284], help="comma-separated N")
+    models(p)
+    reps(p)
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
+
+    p = bench("train-step", "time and peak memory of one SGD step per batch size", commands.benchmark_train_step)
+    backbone(p, "vit_t16")
+    p.add_argument("--size", type=positive_int, default=512, help="square crop side")
+    p.add_argument("--classes", type=positive_int, default=150, help="number of classes N")
+    p.add_argument("--batch", type=int_list, default=[1, 2, 8], help="comma-separated batch sizes")
+    models(p)
+    reps(p)
+
+    p = bench("eval-memory", "peak memory and time of one image's slide ms+flip test, sparse vs dense RankSeg",
+              commands.benchmark_eval_memory)
+    backbone(p, "vit_t16")
+    p.add_argument("--classes", type=int_list, default=[150, 847, 1284], help="comma-separated N")
+    p.add_argument("--image-size", type=int_list, default=[512, 683], help="test image H,W")
+    reps(p)
+
+    p = bench("data", "images/s of the reference train pipeline, in process and through a DataLoader",
+              commands.benchmark_data, device=False)
+    p.add_argument("--size", type=positive_int, default=512, help="crop side")
+    p.add_argument("--images", type=positive_int, default=64, help="images to push through the pipeline")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="DataLoader batch size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_checkpoint_commands(sub)  # convert, info
+    add_run_commands(sub)  # train, demo, eval, predict
+    add_dataset_commands(sub)  # datasets list | check | prepare
+    add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | data
     return parser
 
 

@@ -50,6 +50,16 @@ class BackboneConfig:
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # fork: bicubic, official: bilinear
     oce_start_layer: int | None = None  # OCE: class tokens join the sequence before this block
 
+    @staticmethod
+    def expand_keys(data: dict[str, Any], path: str) -> dict[str, Any]:
+        """A ``preset`` fills embed_dim/depth/num_heads/patch_size; keys given explicitly win."""
+        preset = data.get("preset")
+        if preset is None:
+            return data
+        if preset not in VIT_PRESETS:
+            raise ConfigError(f"{_join(path, 'preset')}: unknown preset {preset!r}{_suggest(preset, VIT_PRESETS)}")
+        return {**VIT_PRESETS[preset], **data}
+
 
 @dataclass
 class HeadConfig:
@@ -147,11 +157,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
     data = dict(data)
-    if cls is BackboneConfig and data.get("preset") is not None:
-        preset = data["preset"]
-        if preset not in VIT_PRESETS:
-            raise ConfigError(f"{_join(path, 'preset')}: unknown preset {preset!r}{_suggest(preset, VIT_PRESETS)}")
-        data = {**VIT_PRESETS[preset], **data}
+    if hasattr(cls, "expand_keys"):  # keys that stand for others, e.g. a backbone preset
+        data = cls.expand_keys(data, path)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:

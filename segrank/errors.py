@@ -3,3 +3,7 @@
 
 class SegrankError(Exception):
     """Bad input (file, key or value) that the user can fix; the message names it."""
+
+
+class CheckpointError(SegrankError):
+    """A file that is not a usable checkpoint, or one that does not fit the architecture."""

@@ -8,7 +8,6 @@ file. Reading ``.mat`` files needs scipy (``pip install 'segrank[convert]'``).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from collections.abc import Callable, Iterable
@@ -18,40 +17,30 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from segrank import files
 from segrank.data.info import dataset_info
 from segrank.data.transforms import resize_image, resize_label
 from segrank.errors import SegrankError
 
 # COCO ids 1..182 that COCO-Stuff never uses (11 thing ids); the other 171 map in order to train ids 1..171.
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
-# Raw Pascal-Context ids of the 60-class benchmark (spec §8); train id = rank in sorted order.
+# Raw Pascal-Context ids of the 60-class benchmark (mmseg's PascalContextDataset); train id = rank in sorted order.
 PASCAL_CONTEXT_60_IDS = (0, 2, 259, 260, 415, 324, 9, 258, 144, 18, 19, 22, 23, 397, 25, 284, 158, 159, 416, 33, 162,
                          420, 454, 295, 296, 427, 44, 45, 46, 308, 59, 440, 445, 31, 232, 65, 354, 424, 68, 326, 72,
                          458, 34, 207, 80, 355, 85, 347, 220, 349, 360, 98, 187, 104, 105, 366, 189, 368, 113, 115)
 ADE_FULL_MAX_SHORT_SIDE = 512
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename to ``path``; the temporary keeps the suffix so format sniffing works."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def copy_file(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise SegrankError(f"{src}: file not found")
-    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    files.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def save_label(label: np.ndarray, path: Path) -> None:
     """uint8 or uint16 label map as PNG/TIFF (pillow writes uint16 as 16-bit)."""
     fmt = "TIFF" if path.suffix in (".tif", ".tiff") else "PNG"
-    write_atomic(path, lambda tmp: Image.fromarray(label).save(tmp, format=fmt))
+    files.atomic_write(path, lambda tmp: Image.fromarray(label).save(tmp, format=fmt))
 
 
 def load_mat(path: Path, key: str) -> np.ndarray:
@@ -144,7 +133,7 @@ def prepare_pascal_context(src: Path, dst: Path) -> int:
                 save_label(lut[raw], label_out)
             count += 1
         list_out = dst / "ImageSets" / "SegmentationContext" / f"{split}.txt"
-        write_atomic(list_out, lambda tmp, names=names: tmp.write_text("".join(f"{n}\n" for n in names)))
+        files.atomic_write(list_out, lambda tmp, names=names: tmp.write_text("".join(f"{n}\n" for n in names)))
     return count
 
 
@@ -238,7 +227,7 @@ def prepare_ade20k_full(src: Path, dst: Path, categories: Path | None = None) ->
         for obj, train_id in id_map.items():
             lut[obj] = train_id
         if not image_out.exists():
-            write_atomic(image_out, lambda tmp, img=img: Image.fromarray(img).save(tmp, format="JPEG"))
+            files.atomic_write(image_out, lambda tmp, img=img: Image.fromarray(img).save(tmp, format="JPEG"))
         if not label_out.exists():
             save_label(lut[cls], label_out)
     return count

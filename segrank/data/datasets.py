@@ -5,9 +5,8 @@ Items are dicts: ``image`` float32 (3, H, W) normalised; ``label`` int64 (H, W) 
 ``crop_size``; eval items hold the keep-ratio resized image and the label at original resolution.
 
 Reproducible augmentation: ``dataset[(index, seed)]`` draws every random choice of that item from
-``numpy.random.default_rng(seed)``; ``dataset[index]`` uses the seed ``(base_seed, epoch, index)``, with
-``dataset.base_seed`` (default 0) and ``dataset.set_epoch(epoch)``. No global random state is read, so an item
-depends only on its key: DataLoader workers, process counts and resumed runs all see the same samples.
+``numpy.random.default_rng(seed)``; ``dataset[index]`` uses the seed ``index``. No global random state is read, so an
+item depends only on its key: DataLoader workers, process counts and resumed runs all see the same samples.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ def read_label_file(path: Path) -> np.ndarray:
 
 
 def decode_label(raw: np.ndarray, layout: Layout, ignore_index: int) -> np.ndarray:
-    """File values -> int64 class ids (spec §8 LoadAnnotations): zero-label reduction, file ignore value."""
+    """File values -> int64 class ids (mmseg ``LoadAnnotations``): zero-label reduction, file ignore value."""
     raw = raw.astype(np.int64)
     ignored = raw == layout.file_ignore if layout.file_ignore is not None else np.zeros(raw.shape, bool)
     if layout.reduce_zero_label:
@@ -121,10 +120,6 @@ class SegDataset(torch.utils.data.Dataset):
     def __init__(self, info: DatasetInfo, cfg: DataConfig, split: str, train: bool) -> None:
         self.info, self.cfg, self.split, self.train = info, cfg, split, train
         self.mean, self.std = NORMALIZATIONS[cfg.normalization] if cfg.normalization else (info.mean, info.std)
-        self.base_seed, self.epoch = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         raise NotImplementedError
@@ -137,7 +132,7 @@ class SegDataset(torch.utils.data.Dataset):
         ori_size = tuple(label.shape)
         cfg = self.cfg
         if self.train:
-            rng = np.random.default_rng(seed if seed is not None else [self.base_seed, self.epoch, index])
+            rng = np.random.default_rng(seed if seed is not None else index)
             image, label_t = transforms.train_transform(
                 img, label, rng, img_scale=cfg.img_scale, ratio_range=cfg.ratio_range, crop_size=cfg.crop_size,
                 cat_max_ratio=cfg.cat_max_ratio, flip_prob=cfg.flip_prob, photometric=cfg.photometric,

@@ -1,4 +1,5 @@
-"""What each dataset is: classes, palette, normalisation, on-disk layout and label encoding (spec §7, §8).
+"""What each dataset is: classes, palette, normalisation, on-disk layout and label encoding (as the RankSeg
+fork's dataset classes and configs).
 
 Internal label convention: int64 label maps, class ids ``0..N-1`` and one ignore value per dataset: 255 when
 N <= 255 (ADE20K, COCO-Stuff-10k, Pascal-Context), -1 otherwise (ADE20K-Full, COCO+LVIS), so no class id can equal it.
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from segrank.data.synthetic import synthetic_classes
 from segrank.errors import SegrankError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -35,10 +37,6 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def class_names(self) -> list[str]:  # the name the training engine reads
-        return self.classes
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Layout:
 class DatasetSpec:
     name: str
     description: str
-    normalization: str  # the reference default, spec §7
+    normalization: str  # the reference config's img_norm_cfg
     layout: Layout | None  # None: not read from files (synthetic)
     classes_file: str | None = None  # segrank/resources/classes/<file>.json
     extra: dict[str, Any] = field(default_factory=dict)
@@ -141,8 +139,6 @@ def dataset_info(name: str, options: dict | None = None, root: str | Path | None
     spec = dataset_spec(name)
     options = options or {}
     if name == "synthetic":
-        from segrank.data.synthetic import synthetic_classes
-
         classes = synthetic_classes(int(options.get("num_classes", 150)))
         palette, norm = generated_palette(len(classes)), spec.normalization
     elif name == "folder":

@@ -1,4 +1,4 @@
-"""The reference (mmseg 0.x) train and test pipelines on numpy arrays (spec §7).
+"""The reference (mmseg 0.x) train and test pipelines on numpy arrays (the configs of the RankSeg fork).
 
 Images are uint8 RGB (H, W, 3) until ``normalize``; labels are int64 (H, W) with the dataset's ignore value.
 Every random choice draws from the ``numpy.random.Generator`` passed in, never from global state, so an item is a
@@ -182,7 +182,7 @@ def train_transform(img: np.ndarray, label: np.ndarray, rng: np.random.Generator
                     ratio_range: tuple[float, float], crop_size: tuple[int, int], cat_max_ratio: float,
                     flip_prob: float, photometric: bool, mean: tuple[float, ...], std: tuple[float, ...],
                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (spec §7).
+    """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (as mmseg 0.x).
 
     The crop is chosen on the resized label; only the cropped part of the image is resized (same pixels, less work).
     """

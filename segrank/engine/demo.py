@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from segrank.checkpoints import _atomic_write, export_checkpoint, load_model
+from segrank import files
+from segrank.checkpoints import export_checkpoint, load_model
 from segrank.config import Config, from_dict
+from segrank.data import build_dataset, dataset_info
 from segrank.engine import report
 from segrank.engine.inference import predict_image
 from segrank.engine.train import train
@@ -116,13 +118,11 @@ def _display(image: torch.Tensor) -> np.ndarray:
 
 
 def write_report(out: Path, runs: dict[str, dict[str, Any]], budget: dict[str, Any]) -> Path:
-    from segrank.data import build_dataset, dataset_info
-
     first = next(iter(runs.values()))["cfg"]
     report.compare_curves({name: run["dir"] for name, run in runs.items()}, out)
     ious = {name: run["result"]["IoU"] for name, run in runs.items()}
     info = dataset_info("synthetic", first.data.options)
-    report.per_class_iou_chart(ious, out / "per_class_iou.png", info.class_names)
+    report.per_class_iou_chart(ious, out / "per_class_iou.png", info.classes)
 
     models = {name: load_model(run["checkpoint"]) for name, run in runs.items()}
     val = build_dataset(first.data, first.data.val_split, train=False)
@@ -202,7 +202,7 @@ def write_report(out: Path, runs: dict[str, dict[str, Any]], budget: dict[str, A
         "",
     ]
     path = out / "report.md"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    files.write_text(path, "\n".join(lines))
     return path
 
 

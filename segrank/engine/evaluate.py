@@ -1,4 +1,5 @@
-"""Dataset evaluation: inference per image, an int64 confusion matrix summed over processes, metrics (spec §9)."""
+"""Dataset evaluation: inference per image, an int64 confusion matrix summed over processes, metrics
+(mmseg 0.x ``mean_iou``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Test-time inference: whole or sliding-window, multi-scale + flip, results at the label's original size (spec §9).
+"""Test-time inference: whole or sliding-window, multi-scale + flip, results at the label's original size (mmseg 0.x
+``slide_inference``/``whole_inference`` and ``MultiScaleFlipAug``).
 
 The reference (mmseg ``EncoderDecoder.inference`` / ``aug_test``), per augmentation (scale r, flip f):
 windows -> per-window logits over all N classes mapped onto the window (RankSeg: -100 for the classes the window did
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segrank.config import EvalConfig
+from segrank.data.transforms import rescale_size
 from segrank.models.output import FILL_LOGIT, SegOutput
 from segrank.models.segmentor import Segmentor
 
@@ -73,8 +75,6 @@ def scaled_size(size: tuple[int, int], ratio: float, ori_size: tuple[int, int],
     if ratio == 1.0:
         return size
     if img_scale is not None:
-        from segrank.data.transforms import rescale_size
-
         return rescale_size(*ori_size, (int(img_scale[0] * ratio), int(img_scale[1] * ratio)))
     return int(size[0] * ratio + 0.5), int(size[1] * ratio + 0.5)
 
@@ -121,7 +121,7 @@ def merge_windows(model: Segmentor, outputs: list[tuple[Box, SegOutput]], size: 
     slot_of = torch.full((num_classes,), -1, dtype=torch.long, device=first.device)
     slot_of[classes] = torch.arange(len(classes), device=first.device)
     for (y1, y2, x1, x2), out in outputs:
-        if out.class_index is None:
+        if not out.is_sparse:
             grid = out.mask_logits[:, classes]
         else:
             index, logits = out.class_index[0], out.mask_logits[0]
@@ -164,13 +164,6 @@ def softmax_with_fill(logits: Tensor, num_missing: int) -> Tensor:
     return e.div_(total)
 
 
-def aug_logits(model: Segmentor, image: Tensor, cfg: EvalConfig, present: Tensor | None = None) -> Tensor:
-    """Dense (1, N, H, W) logits of one input (mmseg ``slide_inference``/``whole_inference`` without rescale)."""
-    outputs = run_windows(model, image, cfg, present)
-    classes = torch.arange(outputs[0][1].num_classes, device=image.device)
-    return merge_windows(model, outputs, tuple(image.shape[-2:]), classes)
-
-
 @torch.no_grad()
 def predict_image(model: Segmentor, image: Tensor, ori_size: tuple[int, int], cfg: EvalConfig, *,
                   ms_flip: bool = False, present: Tensor | None = None, img_scale: tuple[int, int] | None = None,
@@ -190,7 +183,7 @@ def predict_image(model: Segmentor, image: Tensor, ori_size: tuple[int, int], cf
 
     outputs = [out for _, _, outs in runs for _, out in outs]
     num_classes = outputs[0].num_classes
-    sparse = outputs[0].class_index is not None
+    sparse = outputs[0].is_sparse
     selected = image_scores = None
     if sparse:
         index = torch.cat([out.class_index.reshape(-1) for out in outputs])

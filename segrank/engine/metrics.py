@@ -1,4 +1,5 @@
-"""Segmentation metrics from an int64 confusion matrix (spec §9, with the int64/bincount fix of Q2).
+"""Segmentation metrics from an int64 confusion matrix (mmseg 0.x ``mean_iou`` semantics, counted in int64
+with ``bincount`` so that no count saturates).
 
 ``hist[label, pred]`` counts valid pixels (label != ignore and inside [0, N)). IoU_c = I_c / (pred_c + label_c - I_c),
 Acc_c = I_c / label_c, both NaN where the denominator is 0; mIoU and mAcc are NaN-means over classes, so a class
@@ -11,7 +12,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -56,33 +56,6 @@ def summarize(hist: Tensor) -> dict[str, Any]:
 def _nanmean(x: Tensor) -> float:
     x = x[~torch.isnan(x)]
     return float(x.mean()) if x.numel() else math.nan
-
-
-def reduce_zero_label(label: np.ndarray | Tensor, ignore_index: int) -> np.ndarray | Tensor:
-    """mmseg ``reduce_zero_label``: value 0 (unlabelled) becomes ignore, class c becomes c - 1, ignore stays ignore.
-
-    Works on the raw dtype's values (uint8 with ignore 255, int16 with ignore -1); returns int64.
-    """
-    if isinstance(label, np.ndarray):
-        raw = label.astype(np.int64)
-        return np.where((raw == 0) | (raw == ignore_index), ignore_index, raw - 1)
-    raw = label.long()
-    return torch.where((raw == 0) | (raw == ignore_index), ignore_index, raw - 1)
-
-
-def json_safe(results: dict[str, Any]) -> dict[str, Any]:
-    """NaN -> None so the JSON is standard (no bare NaN tokens)."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and math.isnan(v):
-            return None
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        return v
-
-    return fix(results)
 
 
 def format_table(results: dict[str, Any], class_names: Sequence[str] | None = None) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.config import TrainConfig
 
 
@@ -24,9 +25,9 @@ def param_groups(
 ) -> list[dict]:
     """One SGD param group per distinct weight decay, in order of first appearance (deterministic).
 
-    ``reference_name`` maps our parameter names to the reference's (``segrank.checkpoints.to_mmseg_name``): the keys
-    in the configs were written against the reference's names (e.g. its backbone LayerNorms are ``ln1``/``ln2``, so
-    "norm" must not match them).
+    ``reference_name`` maps our parameter names to the reference's (``checkpoints.mmseg.to_mmseg_name``): the keys in
+    the configs were written against the reference's names (e.g. its backbone LayerNorms are ``ln1``/``ln2``, so "norm"
+    must not match them).
     """
     groups: dict[float, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -38,8 +39,6 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    from segrank.checkpoints import to_mmseg_name
-
     groups = param_groups(model, cfg.weight_decay, cfg.decay_mult, to_mmseg_name)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 

@@ -8,7 +8,6 @@ stored in an mmseg checkpoint, and finally defaults (printed, so a wrong guess i
 from __future__ import annotations
 
 import glob
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segrank.checkpoints import _atomic_write
+from segrank import files
+from segrank.checkpoints.mmseg import parse_mmseg_config
 from segrank.config import EvalConfig, load_config
 from segrank.data.datasets import IMAGE_EXTENSIONS, read_image
 from segrank.data.info import NORMALIZATIONS, dataset_info, generated_palette
@@ -78,9 +78,7 @@ def _run_config(checkpoint: Path) -> Path | None:
 
 def _mmseg_settings(checkpoint: Path) -> dict[str, Any]:
     """Normalisation, test scale and windows from the config text stored in an mmseg checkpoint, where present."""
-    from segrank.checkpoints import parse_mmseg_config
-
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # load_model has read it already
+    ckpt = files.read_torch(checkpoint)  # load_model has read it already
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), str):
         return {}
@@ -140,7 +138,7 @@ def resolve_settings(model: Segmentor, checkpoint: Path, config: str | None = No
 
 def _save_png(array: np.ndarray, path: Path) -> None:
     image = Image.fromarray(array)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_outputs(image_path: Path, rgb: np.ndarray, pred: Prediction, settings: TestSettings, out: Path,
@@ -169,7 +167,7 @@ def write_outputs(image_path: Path, rgb: np.ndarray, pred: Prediction, settings:
                         for c in order],
         }
         written.append(out / f"{stem}.json")
-        _atomic_write(written[-1], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        files.write_json(written[-1], record, indent=1)
     return written
 
 

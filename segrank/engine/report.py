@@ -1,4 +1,7 @@
-"""PNG plots of a run (loss, lr, mIoU curves from ``log.jsonl``) and the demo's charts (matplotlib, Agg)."""
+"""PNG plots of a run (loss, lr, mIoU curves from ``log.jsonl``) and the demo's charts.
+
+Figures are ``matplotlib.figure.Figure`` objects rendered by their own canvas: no pyplot, so importing segrank never
+changes a notebook's matplotlib backend."""
 
 from __future__ import annotations
 
@@ -7,13 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from segrank.checkpoints import _atomic_write  # noqa: E402
+from segrank import files
 
 
 def read_log(work_dir: Path) -> list[dict[str, Any]]:
@@ -21,15 +21,15 @@ def read_log(work_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+def _save(fig: Figure, path: Path) -> None:
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
 
 def _curve(runs: dict[str, list[dict[str, Any]]], key: str, kind: str, title: str, path: Path,
            log_y: bool = False) -> bool:
     """One line per run of ``key`` over steps; returns False (and writes nothing) when no run has it."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     drawn = False
     for label, records in runs.items():
         points = [(r["step"], r[key]) for r in records if r.get("type") == kind and key in r]
@@ -38,7 +38,6 @@ def _curve(runs: dict[str, list[dict[str, Any]]], key: str, kind: str, title: st
             ax.plot(steps, values, marker="o" if kind == "eval" else None, markersize=3, label=label)
             drawn = True
     if not drawn:
-        plt.close(fig)
         return False
     ax.set(xlabel="iteration", title=title)
     if log_y:
@@ -57,7 +56,8 @@ def plot_training_curves(work_dir: str | Path) -> list[Path]:
     written = []
     loss_keys = sorted({k for r in records if r.get("type") == "train" for k in r if k.startswith("loss")})
     if loss_keys:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         for key in loss_keys:
             points = [(r["step"], r[key]) for r in records if r.get("type") == "train" and key in r]
             ax.plot(*zip(*points, strict=True), label=key)
@@ -90,7 +90,8 @@ def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_name
     table = np.array([np.asarray(v, dtype=float) for v in ious.values()])
     best = np.nan_to_num(table, nan=-1.0).max(axis=0)
     shown = np.argsort(-best, kind="stable")[:top]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(shown)), 3.8))
+    fig = Figure(figsize=(max(6.0, 0.28 * len(shown)), 3.8))
+    ax = fig.subplots()
     width = 0.8 / len(ious)
     for j, label in enumerate(ious):
         ax.bar(np.arange(len(shown)) + j * width, np.nan_to_num(table[j, shown]), width, label=label)
@@ -105,7 +106,8 @@ def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_name
 
 def prediction_grid(rows: list[list[np.ndarray]], titles: Sequence[str], path: Path) -> Path:
     """A grid of RGB images (uint8 HxWx3): one row per sample, one column per title."""
-    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.0 * len(titles), 2.0 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.0 * len(titles), 2.0 * len(rows)))
+    axes = fig.subplots(len(rows), len(titles), squeeze=False)
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             axes[i, j].imshow(image, interpolation="nearest")

@@ -1,4 +1,5 @@
-"""Training-state checkpoints: what ``--resume`` needs to continue a run exactly.
+"""Everything a training run writes to its work dir: the resolved config, ``log.jsonl`` (mirrored to TensorBoard when
+installed), evaluation results, and the training-state checkpoints that ``--resume`` needs to continue exactly.
 
 A checkpoint of step ``s`` (the number of finished iterations) is two files in ``<work_dir>/checkpoints/``:
 ``iter_<s>.safetensors`` (the model, segrank's native format: usable by eval/predict/convert as is) and
@@ -10,16 +11,22 @@ previous checkpoint usable. Random numbers need no saved state: the training loo
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from segrank.checkpoints import _atomic_write, _torch_load, load_state_dict_strict, save_model
+from segrank import files
+from segrank.checkpoints import save_model
+from segrank.config import Config, from_dict, to_dict
 from segrank.errors import SegrankError
 from segrank.models.segmentor import Segmentor
 
@@ -58,15 +65,15 @@ def save_training_state(
     name = checkpoint_name(step)
     weights = save_model(model, folder / f"{name}.safetensors")
     state = {"step": step, "seed": seed, "optimizer": optimizer.state_dict(), "scaler": scaler_state}
-    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
-    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\n"))
+    files.atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
+    files.atomic_write(folder / LATEST, lambda tmp: tmp.write_text(name + "\n"))
     prune(folder, keep)
     return weights
 
 
 def prune(folder: Path, keep: int) -> None:
     """Delete checkpoints older than the newest ``keep`` (never the one ``latest`` names) and stale temp files."""
-    for tmp in folder.glob(".*.tmp"):  # left by a write that was killed
+    for tmp in folder.glob(".*.tmp*"):  # left by a write that was killed
         tmp.unlink(missing_ok=True)
     steps = sorted({int(m.group(1)) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))})
     latest = latest_checkpoint(folder)
@@ -98,12 +105,83 @@ def load_training_state(
         sd = load_file(str(weights))
     except (OSError, SafetensorError, ValueError) as err:
         raise ResumeError(f"{weights}: checkpoint unreadable ({str(err).splitlines()[0][:200]})") from None
-    state = _torch_load(state_path)  # weights_only: refuses, with a clear message, a file that would run code
+    state = files.read_torch(state_path)  # weights_only: refuses, with a clear message, a file that would run code
     if not isinstance(state, dict) or not {"step", "seed", "optimizer", "scaler"} <= state.keys():
         raise ResumeError(f"{state_path}: not a segrank training state")
-    load_state_dict_strict(model, sd, str(weights))
+    files.load_state_dict_strict(model, sd, str(weights))
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as err:
         raise ResumeError(f"{state_path}: optimizer state does not fit this model ({err})") from None
     return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Work directory and logs
+
+
+def prepare_work_dir(work_dir: Path, cfg: Config, resume: bool) -> None:
+    """Create the run folder with its resolved config; on resume, check the config is the stored one."""
+    resolved = to_dict(cfg)
+    config_path = work_dir / "config.yaml"
+    if resume:
+        if not config_path.is_file():
+            raise ResumeError(f"{work_dir}: nothing to resume (no config.yaml)")
+        stored = from_dict(Config, yaml.safe_load(config_path.read_text()))
+        if to_dict(stored) != resolved:
+            key = first_difference(to_dict(stored), resolved)
+            raise ResumeError(f"{config_path}: differs from the given config at {key}; resume with the same "
+                                    "config and --set options")
+        return
+    if work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
+        raise SegrankError(f"{work_dir}: work directory exists and is not empty (pass --resume to continue it, or "
+                           "choose another --work-dir)")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        files.write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    except OSError as err:
+        raise SegrankError(f"{work_dir}: cannot write the work directory ({err.strerror})") from None
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str:
+    """The dotted key where two nested dicts first differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return f"{path} ({a!r} -> {b!r})"
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append a record to log.jsonl, and mirror its numbers to TensorBoard when that package is installed."""
+    files.append_line(path, json.dumps(record))
+    writer = tensorboard_writer(path.parent)
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ("type", "step") and isinstance(value, (int, float)):
+                writer.add_scalar(f"{record['type']}/{key}", value, record["step"])
+        writer.flush()
+
+
+@functools.cache
+def tensorboard_writer(work_dir: Path) -> Any:
+    """A SummaryWriter on ``work_dir/tensorboard`` if the optional tensorboard package is installed, else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # here: importing it needs the optional tensorboard package
+
+    return SummaryWriter(str(work_dir / "tensorboard"))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records a killed run wrote after the checkpoint it resumes from."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        files.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def write_eval_results(work_dir: Path, step: int, results: dict[str, Any]) -> None:
+    """``eval/iter_<step>.json`` (standard JSON: the NaN IoU of an absent class becomes null) and a log record."""
+    files.write_json(work_dir / "eval" / f"{checkpoint_name(step)}.json", results | {"step": step})
+    summary = {k: results[k] for k in ("mIoU", "aAcc", "mAcc", "image_recall") if k in results}
+    append_log(work_dir / "log.jsonl", {"type": "eval", "step": step} | summary)

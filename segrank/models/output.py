@@ -32,7 +32,7 @@ class SegOutput:
 
     def dense(self, fill: float = FILL_LOGIT) -> Tensor:
         """(B, num_classes, h, w) logits; unselected classes get ``fill`` (the reference's -100)."""
-        if self.class_index is None:
+        if not self.is_sparse:
             return self.mask_logits
         return densify(self.mask_logits, self.class_index, self.num_classes, fill)
 

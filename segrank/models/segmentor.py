@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segrank.config import ModelConfig
+from segrank.config import ModelConfig, model_config_from
 from segrank.models import losses as L
 from segrank.models.output import SegOutput
 from segrank.models.rankseg_head import RankSegGTHead, RankSegHead
@@ -98,7 +98,7 @@ class Segmentor(nn.Module):
         if out_size is not None and tuple(out_size) != tuple(input_size):
             logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         pred = logits.argmax(1)
-        if output.class_index is None:
+        if not output.is_sparse:
             return pred
         return output.class_index.gather(1, pred.flatten(1)).view_as(pred)
 
@@ -113,7 +113,7 @@ class Segmentor(nn.Module):
         input_size = (labels.shape[-2], labels.shape[-1])
         logits = self.to_input_size(output.mask_logits, input_size)
         out: dict[str, Tensor] = {}
-        if output.class_index is None:
+        if not output.is_sparse:
             target = labels
         else:
             target = L.rank_remap(labels, output.class_index, self.num_classes, ignore_index)
@@ -129,7 +129,7 @@ class Segmentor(nn.Module):
                                              cfg.asl_clip, cfg.asl_eps)
             out["loss_img"] = img_loss * cfg.image_loss_weight
             total = total + out["loss_img"]
-        if output.class_index is not None:
+        if output.is_sparse:
             with torch.no_grad():
                 hist = L.class_histogram(labels, self.num_classes, ignore_index)
                 out["acc_pix"] = L.pixel_recall(hist, output.class_index)
@@ -141,6 +141,4 @@ class Segmentor(nn.Module):
 
 def build_model(config: ModelConfig | dict | str) -> Segmentor:
     """A freshly initialised model from a ModelConfig, a dict or a YAML path."""
-    from segrank.config import model_config_from
-
     return Segmentor(model_config_from(config))

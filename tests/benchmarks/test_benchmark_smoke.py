@@ -29,7 +29,7 @@ CASES = {
 def test_benchmark_prints_json_records(name):
     args, keys, count = CASES[name]
     name = name.split()[0]
-    result = subprocess.run([sys.executable, "-m", "segrank.benchmark", name, "--json", "--threads", "1", *args],
+    result = subprocess.run([sys.executable, "-m", "segrank.cli", "benchmark", name, "--json", "--threads", "1", *args],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -47,9 +47,9 @@ def test_fresh_process_peak_is_its_own():
     (``getrusage`` ru_maxrss carries the parent's peak across fork + exec)."""
     import torch
 
-    from segrank.benchmark import _vm_hwm_mb, in_fresh_process
+    from segrank.benchmarks.measure import in_fresh_process, vm_hwm_mb
 
     ballast = torch.ones(200 * 2**20)  # 800 MB resident in this process
-    assert _vm_hwm_mb() > 800
-    assert in_fresh_process(_vm_hwm_mb) < 700
+    assert vm_hwm_mb() > 800
+    assert in_fresh_process(vm_hwm_mb) < 700
     del ballast

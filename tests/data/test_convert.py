@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segrank import files
 from segrank.cli import main
 from segrank.config import DataConfig
 from segrank.data import build_dataset, dataset_info
@@ -30,7 +31,7 @@ def read(path: Path) -> np.ndarray:
 
 
 def leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".part" in p.name]
+    return [p for p in root.rglob("*") if ".tmp" in p.name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_rerun_skips_finished_files_and_interrupted_run_leaves_no_partial_file(t
     def interrupted_save(label, path):
         calls.append(path)
         if len(calls) == 2:  # the second label write dies half way
-            C.write_atomic(path, lambda tmp: (tmp.write_bytes(b"half"), (_ for _ in ()).throw(KeyboardInterrupt())))
+            files.atomic_write(path, lambda tmp: (tmp.write_bytes(b"half"), (_ for _ in ()).throw(KeyboardInterrupt())))
         real_save(label, path)
 
     monkeypatch.setattr(C, "save_label", interrupted_save)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
-import segrank.data
 from segrank.cli import main
-
-pytest.importorskip("segrank.engine.evaluate", reason="evaluation engine not available yet")
-if not hasattr(segrank.data, "build_dataset"):
-    pytest.skip("segrank.data not available yet", allow_module_level=True)
 
 
 def test_demo_writes_report(tmp_path, capsys):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from segrank import build_model
 from segrank.config import EvalConfig, ModelConfig, from_dict
-from segrank.engine.inference import aug_logits, augmentations, predict_image, window_boxes
+from segrank.engine.inference import augmentations, merge_windows, predict_image, run_windows, window_boxes
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("SEGRANK_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
@@ -23,8 +23,16 @@ NUM_CLASSES, TOPK = 40, 5
 def fixture(name: str) -> Path:
     path = FIXTURES / name
     if not path.is_dir():
-        pytest.skip(f"fixture folder {path} is absent")
+        pytest.fail(f"fixture folder {path} is absent (the golden files live in ../shared/fixtures; "
+                    "set SEGRANK_FIXTURES_DIR to read them elsewhere)")
     return path
+
+
+def aug_logits(model: torch.nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Dense (1, N, H, W) logits of one input (mmseg ``slide_inference``/``whole_inference`` without rescale)."""
+    outputs = run_windows(model, image, cfg, None)
+    classes = torch.arange(outputs[0][1].num_classes, device=image.device)
+    return merge_windows(model, outputs, tuple(image.shape[-2:]), classes)
 
 
 def random_model(head: str, seed: int) -> torch.nn.Module:

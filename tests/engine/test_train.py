@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import segrank.engine.train as engine
 from segrank import build_model
-from segrank.checkpoints import to_mmseg_name
+from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.cli import main
 from segrank.config import Config, ConfigError, TrainConfig, from_dict, to_dict
-from segrank.engine import state
+from segrank.engine import runtime, sampling, state
 from segrank.engine.optim import decay_multiplier, param_groups, poly_lr
 from segrank.errors import SegrankError
 from tests.engine import tiny_data
@@ -81,7 +81,7 @@ def test_decay_multiplier_matches_reference_names_not_ours():
 
 
 def test_decay_multipliers_of_rankseg_config():
-    """The wd=1e-6 RankSeg rows (spec §6): backbone LNs (reference ln1/ln2) keep the base decay, head norms get 0
+    """The wd=1e-6 RankSeg rows of the model zoo: backbone LNs (reference ln1/ln2) keep the base decay, head norms get 0
     except block 0's (x100, like ml_fc), position table and class token 0, class embedding base."""
     cfg = tiny_config()
     keys = {"pos_embed": 0.0, "cls_token": 0.0, "norm": 0.0, "decode_head.blocks.0.": 100.0, "decode_head.ml_fc": 100.0}
@@ -122,18 +122,18 @@ def test_poly_schedule_values():
 
 @pytest.mark.parametrize(("world", "accum"), [(2, 1), (4, 1), (2, 2)])
 def test_ranks_share_each_step_batch(world, accum):
-    stream = engine.SampleStream(7, seed=3)  # 7 items: steps straddle passes over the data
-    single = list(engine.StepBatches(stream, 0, 6, 4, rank=0, world=1, accum=1))
-    shards = [list(engine.StepBatches(stream, 0, 6, 4, rank=r, world=world, accum=accum)) for r in range(world)]
+    stream = sampling.SampleStream(7, seed=3)  # 7 items: steps straddle passes over the data
+    single = list(sampling.StepBatches(stream, 0, 6, 4, rank=0, world=1, accum=1))
+    shards = [list(sampling.StepBatches(stream, 0, 6, 4, rank=r, world=world, accum=accum)) for r in range(world)]
     for step in range(6):
         union = sorted(key for shard in shards for key in sum(shard[step * accum:(step + 1) * accum], []))
         assert union == sorted(single[step])
     # Each pass is a permutation, and another seed gives another order.
-    first_pass = [engine.SampleStream(7, seed=3)[p][0] for p in range(7)]
+    first_pass = [sampling.SampleStream(7, seed=3)[p][0] for p in range(7)]
     assert sorted(first_pass) == list(range(7))
-    assert first_pass != [engine.SampleStream(7, seed=4)[p][0] for p in range(7)]
+    assert first_pass != [sampling.SampleStream(7, seed=4)[p][0] for p in range(7)]
     # A sampler started at step 3 (resume) yields what the full one yields from step 3 on.
-    assert list(engine.StepBatches(stream, 3, 6, 4, 0, 1, 1)) == single[3:]
+    assert list(sampling.StepBatches(stream, 3, 6, 4, 0, 1, 1)) == single[3:]
 
 
 def test_config_must_fit_processes_and_dataset(tmp_path):
@@ -318,17 +318,16 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 def test_second_signal_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    with engine.GracefulStop() as stop:
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
+    with runtime.GracefulStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and exits == []
         os.kill(os.getpid(), signal.SIGINT)
         assert exits == [128 + signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_log_records_are_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatch):
-    from segrank.engine import train as train_module
-
     scalars = []
 
     class Writer:
@@ -338,10 +337,10 @@ def test_log_records_are_mirrored_to_tensorboard_when_installed(tmp_path, monkey
         def flush(self):
             pass
 
-    monkeypatch.setattr(train_module, "tensorboard_writer", lambda work_dir: Writer())
-    train_module.append_log(tmp_path / "log.jsonl", {"type": "train", "step": 5, "loss": 1.5, "lr": 1e-3, "x": "s"})
+    monkeypatch.setattr(state, "tensorboard_writer", lambda work_dir: Writer())
+    state.append_log(tmp_path / "log.jsonl", {"type": "train", "step": 5, "loss": 1.5, "lr": 1e-3, "x": "s"})
     assert scalars == [("train/loss", 1.5, 5), ("train/lr", 1e-3, 5)]
     assert '"loss": 1.5' in (tmp_path / "log.jsonl").read_text()
-    monkeypatch.setattr(train_module, "tensorboard_writer", lambda work_dir: None)
-    train_module.append_log(tmp_path / "log.jsonl", {"type": "eval", "step": 6, "mIoU": 0.5})
+    monkeypatch.setattr(state, "tensorboard_writer", lambda work_dir: None)
+    state.append_log(tmp_path / "log.jsonl", {"type": "eval", "step": 6, "mIoU": 0.5})
     assert len(scalars) == 2

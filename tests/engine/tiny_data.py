@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import segrank.data
+import segrank.engine.train
 
 NUM_CLASSES = 12
 IGNORE = 255
@@ -46,13 +47,15 @@ def build_dataset(cfg, split: str, train: bool) -> TinyScenes:
 
 def dataset_info(name: str, options: dict, root: str | None = None) -> types.SimpleNamespace:
     return types.SimpleNamespace(num_classes=NUM_CLASSES, ignore_index=IGNORE,
-                                 class_names=[f"class{i}" for i in range(NUM_CLASSES)])
+                                 classes=[f"class{i}" for i in range(NUM_CLASSES)])
 
 
 def install(monkeypatch=None) -> None:
-    """Route ``segrank.data.build_dataset``/``dataset_info`` to this module (pytest monkeypatch, or for good)."""
-    for name, value in (("build_dataset", build_dataset), ("dataset_info", dataset_info)):
-        if monkeypatch is not None:
-            monkeypatch.setattr(segrank.data, name, value, raising=False)
-        else:
-            setattr(segrank.data, name, value)
+    """Route ``build_dataset``/``dataset_info`` of ``segrank.data`` and of the training engine to this module
+    (pytest monkeypatch, or for good)."""
+    for module in (segrank.data, segrank.engine.train):
+        for name, value in (("build_dataset", build_dataset), ("dataset_info", dataset_info)):
+            if monkeypatch is not None:
+                monkeypatch.setattr(module, name, value, raising=False)
+            else:
+                setattr(module, name, value)

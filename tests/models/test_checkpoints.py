@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import segrank
-from segrank.checkpoints import CheckpointError, export_checkpoint, load_model, save_model, to_mmseg_name
+from segrank.checkpoints import CheckpointError, export_checkpoint, load_model, save_model
+from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.cli import main
 from segrank.config import ModelConfig, from_dict
 

@@ -46,7 +46,7 @@ def test_backbone_parameter_counts_match_timm(preset):
 
 
 def reference_head_params(n: int, d: int, k: int | None, n_layers: int) -> int:
-    """Parameter count of the reference heads from the key shapes in spec §11.2."""
+    """Parameter count of the reference heads from the key shapes of the released checkpoints."""
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     common = n * d + (d * d + d) + n_layers * block + 2 * d + 2 * d * d
     if k is None:

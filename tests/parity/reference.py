@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from segrank.checkpoints import _from_mmseg_name, load_state_dict_strict, model_config_from_mmseg
+from segrank.checkpoints.mmseg import from_mmseg_name, model_config_from_mmseg
 from segrank.config import ModelConfig
+from segrank.files import load_state_dict_strict
 from segrank.models.segmentor import Segmentor
 
 
@@ -30,5 +31,5 @@ def load_part(model: Segmentor, prefix: str, weights: dict[str, torch.Tensor], e
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
     for key, value in weights.items():
         if key not in exclude:
-            sd[_from_mmseg_name(f"{prefix}.{key}")] = value
+            sd[from_mmseg_name(f"{prefix}.{key}")] = value
     load_state_dict_strict(model, sd, prefix)

@@ -16,14 +16,15 @@ T = "tests/reliability/"
 
 # (what is broken, file, original text, broken text, pytest arguments)
 MUTATIONS = [
-    ("checkpoint files written in place instead of temp file + rename", "segrank/checkpoints.py",
-     "        write(tmp)\n        os.replace(tmp, path)", "        write(str(path))", T + "test_kill_resume.py"),
+    ("checkpoint files written in place instead of temp file + rename", "segrank/files.py",
+     "        write(Path(tmp))\n        os.replace(tmp, path)", "        write(path)", T + "test_kill_resume.py"),
     ("'latest' pointer renamed into place before the optimizer state is written", "segrank/engine/state.py",
-     '    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))\n'
-     '    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\\n"))',
-     '    _atomic_write(folder / LATEST, lambda tmp: Path(tmp).write_text(name + "\\n"))\n'
-     '    _atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))', T + "test_kill_resume.py"),
-    ("second signal no longer exits at once", "segrank/engine/train.py", "            os._exit(128 + signum)",
+     '    files.atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))\n'
+     '    files.atomic_write(folder / LATEST, lambda tmp: tmp.write_text(name + "\\n"))',
+     '    files.atomic_write(folder / LATEST, lambda tmp: tmp.write_text(name + "\\n"))\n'
+     '    files.atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))',
+     T + "test_kill_resume.py"),
+    ("second signal no longer exits at once", "segrank/engine/runtime.py", "            os._exit(128 + signum)",
      "            pass", T + "test_stop_and_nonfinite.py -k second"),
     ("non-finite loss not stopped", "segrank/engine/train.py", '                if tc.nonfinite == "stop":',
      "                if False:", T + "test_stop_and_nonfinite.py -k stops"),
@@ -33,25 +34,25 @@ MUTATIONS = [
      "    if False", T + "test_bad_input.py -k truncated_jpeg"),
     ("work dir written before the data is checked", "segrank/engine/train.py",
      "    torch.manual_seed(tc.seed)\n    model = Segmentor(cfg.model)",
-     "    if env.main:\n        prepare_work_dir(work_dir, cfg, resume)\n    torch.manual_seed(tc.seed)\n"
+     "    if env.main:\n        state.prepare_work_dir(work_dir, cfg, resume)\n    torch.manual_seed(tc.seed)\n"
      "    model = Segmentor(cfg.model)", T + "test_bad_input.py -k without_label"),
     ("no disk-space check", "segrank/engine/state.py", "    if free < 1.1 * need:", "    if False:",
      T + "test_bad_input.py -k disk"),
     ("no crop-size check", "segrank/engine/train.py", "    if any(c > r for c, r in zip(sorted(cfg.data.crop_size)",
      "    if False and any(c > r for c, r in zip(sorted(cfg.data.crop_size)", T + "test_bad_input.py -k crop"),
-    ("pickles loaded with weights_only=False", "segrank/checkpoints.py",
+    ("pickles loaded with weights_only=False", "segrank/files.py",
      'torch.load(path, map_location="cpu", weights_only=True)',
      'torch.load(path, map_location="cpu", weights_only=False)', T + "test_no_code_execution.py"),
     ("config YAML loaded unsafely", "segrank/config.py", "yaml.safe_load(path.read_text())",
      "yaml.unsafe_load(path.read_text())", T + "test_no_code_execution.py -k config_yaml"),
-    ("variant.yml loaded unsafely", "segrank/checkpoints.py", "class _VariantLoader(yaml.SafeLoader)",
+    ("variant.yml loaded unsafely", "segrank/checkpoints/segmenter.py", "class _VariantLoader(yaml.SafeLoader)",
      "class _VariantLoader(yaml.UnsafeLoader)", T + "test_no_code_execution.py -k variant"),
-    ("mmseg config text executed", "segrank/checkpoints.py", "        tree = ast.parse(text)",
+    ("mmseg config text executed", "segrank/checkpoints/mmseg.py", "        tree = ast.parse(text)",
      "        exec(text, {})\n        tree = ast.parse(text)", T + "test_no_code_execution.py -k mmseg_config"),
     ("flip moves the image but not the label", "segrank/data/transforms.py",
      "return img[:, ::-1].copy(), label[:, ::-1].copy()", "return img[:, ::-1].copy(), label.copy()",
      T + "test_fuzz.py -k aligned"),
-    ("data order not seeded", "segrank/engine/train.py",
+    ("data order not seeded", "segrank/engine/sampling.py",
      "generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))",
      "generator = torch.Generator()\n            generator.seed()", T + "test_determinism.py"),
 ]

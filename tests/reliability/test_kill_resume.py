@@ -24,13 +24,12 @@ from tests.reliability.common import REPO, subprocess_env, tiny_config, write_co
 # write of a file whose name contains <name part>: the temp file holds half the bytes, as a kill mid-write leaves it.
 DRIVER = """
 import os, signal, sys
-import segrank.checkpoints as checkpoints
-import segrank.engine.state as state
+import segrank.files as files
 from segrank.cli import main
 
 if os.environ.get("KILL_IN_WRITE"):
     part, nth = os.environ["KILL_IN_WRITE"].split(":")
-    seen, atomic_write = [0], checkpoints._atomic_write
+    seen, atomic_write = [0], files.atomic_write
 
     def killing_write(path, write):
         def write_half_and_die(tmp):
@@ -42,7 +41,7 @@ if os.environ.get("KILL_IN_WRITE"):
                     os.kill(os.getpid(), signal.SIGKILL)
         atomic_write(path, write_half_and_die)
 
-    checkpoints._atomic_write = state._atomic_write = killing_write
+    files.atomic_write = killing_write
 sys.exit(main(sys.argv[1:]))
 """
 MAX_ITERS = 20

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from segrank import build_model
-from segrank.checkpoints import export_checkpoint, mmseg_config_text
+from segrank.checkpoints import export_checkpoint
+from segrank.checkpoints.mmseg import mmseg_config_text
 from segrank.config import ModelConfig, from_dict
 from tests.reliability.common import folder_config, folder_dataset, run_cli, tiny_config, write_config
 

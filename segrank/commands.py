@@ -1,0 +1,220 @@
+"""What each ``segrank`` command does, given its parsed arguments (the flags are declared in cli.py).
+
+Each handler returns the exit code; bad input raises SegrankError, which the CLI prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from segrank import files
+from segrank.benchmarks.data import bench_data
+from segrank.benchmarks.eval_memory import bench_eval_memory
+from segrank.benchmarks.forward import bench_forward
+from segrank.benchmarks.measure import machine_info
+from segrank.benchmarks.train_step import bench_train_step
+from segrank.checkpoints import describe, load_model, save_model
+from segrank.config import load_config, to_dict
+from segrank.data import DATASETS, build_dataset, dataset_info
+from segrank.data.check import check_dataset, format_report
+from segrank.data.convert import CONVERTERS
+from segrank.engine.demo import run_demo
+from segrank.engine.evaluate import evaluate
+from segrank.engine.metrics import format_table
+from segrank.engine.predict import collect_inputs, predict_files, resolve_settings
+from segrank.engine.runtime import setup_distributed
+from segrank.engine.train import train
+from segrank.errors import CheckpointError, SegrankError
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def convert(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: --out must end with .safetensors")
+    if out.exists() and not args.force:
+        raise CheckpointError(f"{out}: already exists (use --force to overwrite)")
+    model = load_model(args.src, format=args.format, config=args.config)
+    save_model(model, out)
+    print(f"wrote {out}: {describe(model)}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    model = load_model(args.ckpt, format=args.format, config=args.config)
+    cfg = model.cfg
+    print(describe(model))
+    if cfg.class_names:
+        shown = ", ".join(cfg.class_names[:10]) + (", ..." if len(cfg.class_names) > 10 else "")
+        print(f"classes: {shown}")
+    print(yaml.safe_dump({"model": to_dict(cfg) | {"class_names": None}}, sort_keys=False).rstrip())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training, evaluation, prediction
+
+
+def train_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
+    try:
+        result = train(cfg, work_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not result["stopped"]:
+        print(f"segrank train: finished {result['step']} iterations; weights: {result['checkpoint']}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    report = run_demo(Path(args.out), seed=args.seed, iters=args.iters, val_images=args.val_images,
+                      device=args.device, force=args.force)
+    print(f"segrank demo: report written to {report}")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
+    model = load_model(args.checkpoint, config=cfg.model if args.use_config_model else None)
+    if model.num_classes != info.num_classes:
+        raise SegrankError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
+                           f"{cfg.data.dataset!r} has {info.num_classes}")
+    if args.oracle and not model.needs_present_classes:
+        raise SegrankError(f"--oracle: {args.checkpoint} is not a GT-oracle model (head type rankseg_gt)")
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
+    if out.is_dir():
+        raise SegrankError(f"--out {out}: is a folder, expected a file name")
+    env = setup_distributed(args.device)  # torchrun: each process evaluates a share of the images
+    try:
+        dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+        eval_cfg = cfg.eval if args.batch_size is None else dataclasses.replace(cfg.eval, batch_size=args.batch_size)
+        results = evaluate(model.to(env.device), dataset, eval_cfg, num_classes=info.num_classes,
+                           ignore_index=info.ignore_index, class_names=info.classes, oracle=args.oracle,
+                           ms_flip=args.ms_flip, device=env.device, progress=env.main and not args.no_progress,
+                           img_scale=cfg.data.img_scale, workers=cfg.data.workers)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if env.main:
+        results |= {"checkpoint": str(args.checkpoint), "config": str(args.config), "ms_flip": args.ms_flip,
+                    "oracle": args.oracle}
+        print(format_table(results, info.classes))
+        files.write_json(out, results, indent=1)
+        print(f"segrank eval: results written to {out}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    paths = collect_inputs(args.inputs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SegrankError(f"--out {out}: exists and is not a folder")
+    checkpoint = Path(args.checkpoint)
+    model = load_model(checkpoint)
+    if model.needs_present_classes:
+        raise SegrankError(f"{checkpoint}: a GT-oracle model needs label maps; use segrank eval --oracle")
+    settings = resolve_settings(model, checkpoint, args.config, args.mean, args.std, args.img_scale)
+    if args.mode is not None:
+        settings.eval = dataclasses.replace(settings.eval, mode=args.mode)
+    if args.batch_size is not None:
+        settings.eval = dataclasses.replace(settings.eval, batch_size=args.batch_size)
+    for note in settings.notes:
+        print(f"segrank predict: no setting stored with the checkpoint, using {note}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SegrankError("--device cuda: no CUDA device available")
+    written = predict_files(model, paths, out, settings, ms_flip=args.ms_flip, device=device,
+                            progress=not args.no_progress)
+    print(f"segrank predict: {len(paths)} images, {len(written)} files written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def datasets_list(args: argparse.Namespace) -> int:
+    for name, spec in DATASETS.items():
+        if name == "folder":
+            print(f"{name:17s} {'-':>5s} {'-':>6s} {'per classes.yaml':10s} {spec.description}")
+            continue
+        info = dataset_info(name)
+        print(f"{name:17s} {info.num_classes:5d} {info.ignore_index:6d} {spec.normalization:10s} "
+              f"{spec.description}")
+    return 0
+
+
+def datasets_check(args: argparse.Namespace) -> int:
+    report = check_dataset(args.name, args.root, args.split)
+    print(format_report(report, args.top))
+    return 2 if report.problems else 0
+
+
+def datasets_prepare(args: argparse.Namespace) -> int:
+    if not args.src.is_dir():
+        raise SegrankError(f"{args.src}: source directory not found")
+    if args.categories is not None and args.name != "ade20k_full":
+        raise SegrankError("--categories: only for ade20k_full")
+    extra = {"categories": args.categories} if args.name == "ade20k_full" else {}
+    count = CONVERTERS[args.name](args.src, args.dst, **extra)
+    print(f"segrank datasets prepare: {args.name}: {count} images in {args.dst}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def _print_records(args: argparse.Namespace, device: torch.device, records: Iterator[dict[str, Any]]) -> int:
+    machine = machine_info(device)
+    for record in records:
+        record["machine"] = machine
+        print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items() if k != "machine"))
+        sys.stdout.flush()
+    return 0
+
+
+def _benchmark_device(args: argparse.Namespace) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SegrankError("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+def benchmark_forward(args: argparse.Namespace) -> int:
+    device = _benchmark_device(args)
+    return _print_records(args, device, bench_forward(device, args.backbone, args.size, args.classes, args.models,
+                                                      args.reps, args.amp))
+
+
+def benchmark_train_step(args: argparse.Namespace) -> int:
+    device = _benchmark_device(args)
+    return _print_records(args, device, bench_train_step(device, args.backbone, args.size, args.classes, args.batch,
+                                                         args.models, args.reps))
+
+
+def benchmark_eval_memory(args: argparse.Namespace) -> int:
+    device = _benchmark_device(args)
+    return _print_records(args, device, bench_eval_memory(device, args.backbone, args.classes,
+                                                          tuple(args.image_size), args.reps))
+
+
+def benchmark_data(args: argparse.Namespace) -> int:
+    device = _benchmark_device(args)
+    return _print_records(args, device, bench_data(crop=args.size, images=args.images, workers=args.workers,
+                                                   batch_size=args.batch_size))

@@ -1,0 +1,120 @@
+"""The one place that reads and writes files: atomic writes, safe checkpoint readers, strict state-dict loading.
+
+Every write goes through a temp file in the destination folder and a rename, so a killed process never leaves a
+half-written file under the final name. Pickled files are only read with ``torch.load(weights_only=True)``: loading a
+file can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+from torch import Tensor
+
+from segrank.errors import CheckpointError
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temp file in ``path``'s folder, then rename it to ``path``. The temp name keeps the
+    suffix, so writers that pick a format from the file name (PIL, numpy) still work."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log file (a killed write loses at most that line, which a resumed run rewrites)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN -> None, recursively, so the JSON is standard (no bare NaN tokens); e.g. the IoU of an absent class."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    write_text(path, json.dumps(json_safe(value), indent=indent) + "\n")
+
+
+def read_torch(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one clear error for a missing, damaged or code-carrying file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle means: not a safe checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            first = "it contains Python objects that would run code when loaded; refusing to load it"
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a valid .safetensors file ({str(err)[:200]})") from None
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file (pickled object arrays refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable .npz file ({str(err)[:200]})") from None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load with one clear error listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the architecture ({'; '.join(problems)})")
+    model.load_state_dict(state_dict, strict=True)
