@@ -1,26 +1,46 @@
 """Typed configuration: dataclasses built strictly from YAML/dicts.
 
 A config file is YAML; ``_base_: [a.yaml, b.yaml]`` composes files (later files and the file itself win,
-dicts merge key by key). Every key is checked against the dataclass fields, so a typo is an error naming the key.
+dicts merge key by key). Every key is checked against the dataclass fields, so a typo is an error naming the key,
+and every value against the bound its field declares (segrank.config_fields), so a value out of range is refused
+when the config is loaded, before any work starts. docs/config.md is generated from the same declarations.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import yaml
+from segrank.config_build import (
+    apply_overrides,
+    from_dict,
+    join_key,
+    load_yaml,
+    merge_dicts,
+    suggestion,
+    to_dict,
+)
+from segrank.config_fields import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    RATE,
+    Bound,
+    Section,
+    above,
+    at_least,
+    setting,
+    within,
+)
+from segrank.errors import ConfigError
 
-from segrank.errors import SegrankError
-
-
-class ConfigError(SegrankError, ValueError):
-    """A configuration that cannot be used; the message names the key and the problem."""
+# The public config interface: the classes below and the loaders of segrank.config_build.
+__all__ = ["VIT_PRESETS", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig",
+           "LossConfig", "ModelConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "load_yaml",
+           "merge_dicts", "model_config_from", "to_dict"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -36,19 +56,24 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class BackboneConfig:
-    preset: str | None = None  # fills embed_dim/depth/num_heads/patch_size (explicit keys win)
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    pos_embed_grid: tuple[int, int] = (32, 32)  # grid of the learned position table (img_size / patch)
-    drop_path_rate: float = 0.1
-    final_norm: bool = True
-    norm_eps: float = 1e-6  # mmseg fork: 1e-6, official Segmenter: 1e-5
-    pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # fork: bicubic, official: bilinear
-    oce_start_layer: int | None = None  # OCE: class tokens join the sequence before this block
+class BackboneConfig(Section):
+    key: ClassVar[str] = "model.backbone"
+    preset: str | None = setting(None, f"ViT size ({', '.join(VIT_PRESETS)}) filling patch_size, embed_dim, depth "
+                                       "and num_heads; keys given explicitly win")
+    patch_size: int = setting(16, "side of the square patches, in pixels", COUNT)
+    embed_dim: int = setting(768, "token width", COUNT)
+    depth: int = setting(12, "transformer blocks", COUNT)
+    num_heads: int = setting(12, "attention heads per block; embed_dim must be divisible by it", COUNT)
+    mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim", POSITIVE)
+    pos_embed_grid: tuple[int, int] = setting((32, 32), "grid of the learned position table: training image size / "
+                                                        "patch_size (rows, columns)", COUNT)
+    drop_path_rate: float = setting(0.1, "stochastic depth of the last block, linear from 0 over the blocks", RATE)
+    final_norm: bool = setting(True, "LayerNorm after the last block")
+    norm_eps: float = setting(1e-6, "LayerNorm epsilon (mmseg fork: 1e-6, official Segmenter: 1e-5)", POSITIVE)
+    pos_embed_interpolation: Literal["bicubic", "bilinear"] = setting(
+        "bicubic", "resampling of the position table to other grids (fork: bicubic, official: bilinear)")
+    oce_start_layer: int | None = setting(None, "OCE: class tokens join the sequence before this block (< depth); "
+                                                "null: no OCE", NON_NEGATIVE)
 
     @staticmethod
     def expand_keys(data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -57,52 +82,114 @@ class BackboneConfig:
         if preset is None:
             return data
         if preset not in VIT_PRESETS:
-            raise ConfigError(f"{_join(path, 'preset')}: unknown preset {preset!r}{_suggest(preset, VIT_PRESETS)}")
+            raise ConfigError(f"{join_key(path, 'preset')}: unknown preset {preset!r}"
+                              f"{suggestion(preset, VIT_PRESETS)}")
         return {**VIT_PRESETS[preset], **data}
 
 
 @dataclass
-class HeadConfig:
-    type: Literal["segmenter", "rankseg", "rankseg_gt", "linear"] = "segmenter"
-    d_model: int | None = None  # None: the backbone width
-    n_heads: int | None = None  # None: d_model // 64
-    d_ff: int | None = None  # None: 4 * d_model
-    n_layers: int = 2
-    dropout: float = 0.1
-    drop_path_rate: float = 0.0
-    norm_eps: float = 1e-5
-    cls_emb_from_backbone: bool = False  # OCE: class tokens come from the backbone
-    # RankSeg
-    topk: int = 50
-    multilabel_head: Literal["encoder_layer", "query2label", "global_pool"] = "encoder_layer"
-    downsample: int | None = 8  # pooled grid the multi-label branch sees (None: all patch tokens)
-    q2l_heads: int = 8
-    q2l_d_ff: int = 2048
-    q2l_dropout: float = 0.1
+class HeadConfig(Section):
+    key: ClassVar[str] = "model.head"
+    type: Literal["segmenter", "rankseg", "rankseg_gt", "linear"] = setting(
+        "segmenter", "segmenter: mask transformer; rankseg: top-k ranking head; rankseg_gt: RankSeg given the "
+                     "classes present (oracle); linear: linear decoder")
+    d_model: int | None = setting(None, "decoder width; null: the backbone's embed_dim", COUNT)
+    n_heads: int | None = setting(None, "decoder attention heads; null: d_model // 64", COUNT)
+    d_ff: int | None = setting(None, "decoder MLP width; null: 4 * d_model", COUNT)
+    n_layers: int = setting(2, "decoder blocks (RankSeg's encoder_layer branch uses the first)", NON_NEGATIVE)
+    dropout: float = setting(0.1, "dropout rate in the decoder blocks", RATE)
+    drop_path_rate: float = setting(0.0, "stochastic depth of the last decoder block", RATE)
+    norm_eps: float = setting(1e-5, "LayerNorm epsilon of the decoder", POSITIVE)
+    cls_emb_from_backbone: bool = setting(False, "OCE: class tokens come from the backbone")
+    topk: int = setting(50, "RankSeg: classes kept per image, at most num_classes", COUNT)
+    multilabel_head: Literal["encoder_layer", "query2label", "global_pool"] = setting(
+        "encoder_layer", "RankSeg image-level branch: the first decoder block, a cross-attention decoder or pooling")
+    downsample: int | None = setting(8, "side of the pooled grid the image-level branch sees; null: all patch "
+                                        "tokens", COUNT)
+    q2l_heads: int = setting(8, "query2label: attention heads", COUNT)
+    q2l_d_ff: int = setting(2048, "query2label: MLP width", COUNT)
+    q2l_dropout: float = setting(0.1, "query2label: dropout rate", RATE)
 
 
 @dataclass
-class LossConfig:
-    image_loss: Literal["bce", "asl"] = "bce"
-    image_loss_weight: float = 10.0
-    asl_gamma_neg: float = 2.0
-    asl_gamma_pos: float = 0.0
-    asl_clip: float = 0.05
-    asl_eps: float = 1e-5
-    # all_pixels: sum over valid pixels / all pixels (mmseg 0.17 reference); valid_pixels: mean over valid pixels
-    seg_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels"
+class LossConfig(Section):
+    key: ClassVar[str] = "model.loss"
+    image_loss: Literal["bce", "asl"] = setting("bce", "RankSeg image-level loss: binary cross-entropy or asymmetric")
+    image_loss_weight: float = setting(10.0, "weight of the image-level loss", NON_NEGATIVE)
+    asl_gamma_neg: float = setting(2.0, "asymmetric loss: focusing exponent of absent classes", NON_NEGATIVE)
+    asl_gamma_pos: float = setting(0.0, "asymmetric loss: focusing exponent of present classes", NON_NEGATIVE)
+    asl_clip: float = setting(0.05, "asymmetric loss: probability margin taken off absent classes", PROBABILITY)
+    asl_eps: float = setting(1e-5, "asymmetric loss: smallest probability inside the log", POSITIVE)
+    seg_reduction: Literal["all_pixels", "valid_pixels"] = setting(
+        "all_pixels", "all_pixels: sum over valid pixels / all pixels (mmseg 0.17 reference); valid_pixels: mean "
+                      "over valid pixels")
+
+
+def _heads_divide_widths(cfg: ModelConfig) -> str | None:
+    """backbone.embed_dim is divisible by backbone.num_heads, and head.d_model by head.n_heads."""
+    b, h = cfg.backbone, cfg.head
+    if b.embed_dim % b.num_heads:
+        return f"model.backbone.embed_dim: {b.embed_dim} is not divisible by num_heads {b.num_heads}"
+    if h.d_model % h.n_heads:
+        return f"model.head.d_model: {h.d_model} is not divisible by n_heads {h.n_heads}"
+    return None
+
+
+def _oce_fits(cfg: ModelConfig) -> str | None:
+    """backbone.oce_start_layer is below backbone.depth; head.cls_emb_from_backbone needs it, and head.d_model equal
+    to backbone.embed_dim."""
+    b, h = cfg.backbone, cfg.head
+    if b.oce_start_layer is not None and not b.oce_start_layer < b.depth:
+        return f"model.backbone.oce_start_layer: {b.oce_start_layer} is outside [0, {b.depth})"
+    if h.cls_emb_from_backbone:
+        if b.oce_start_layer is None:
+            return "model.head.cls_emb_from_backbone: needs model.backbone.oce_start_layer"
+        if h.d_model != b.embed_dim:
+            return "model.head.cls_emb_from_backbone: needs head.d_model == backbone.embed_dim"
+    return None
+
+
+def _rankseg_head_fits(cfg: ModelConfig) -> str | None:
+    """RankSeg: head.topk is at most num_classes; a segmentation block is left after the image-level one; only the
+    encoder_layer branch supports OCE; the other branches need head.downsample; query2label needs head.d_model
+    divisible by head.q2l_heads and by 4 (its sine position table has d_model / 4 frequencies per axis)."""
+    h = cfg.head
+    if h.type != "rankseg":
+        return None
+    if not 1 <= h.topk <= cfg.num_classes:
+        return f"model.head.topk: {h.topk} must be in [1, num_classes={cfg.num_classes}]"
+    first = 1 if h.multilabel_head == "encoder_layer" else 0
+    if h.n_layers <= first:
+        return f"model.head.n_layers: {h.n_layers} leaves no segmentation block"
+    if h.multilabel_head != "encoder_layer" and h.cls_emb_from_backbone:
+        return f"model.head.multilabel_head: {h.multilabel_head} does not support OCE"
+    if h.multilabel_head != "encoder_layer" and h.downsample is None:
+        return f"model.head.downsample: {h.multilabel_head} needs a pooled grid size"
+    if h.multilabel_head == "query2label" and (h.d_model % h.q2l_heads or h.d_model % 4):
+        return f"model.head.d_model: {h.d_model} is not divisible by 4 and by q2l_heads {h.q2l_heads}"
+    return None
+
+
+def _one_name_per_class(cfg: ModelConfig) -> str | None:
+    """class_names, when given, has num_classes names."""
+    if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
+        return f"model.class_names: {len(cfg.class_names)} names for num_classes={cfg.num_classes}"
+    return None
 
 
 @dataclass
-class ModelConfig:
-    num_classes: int = 150
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    # How patch-grid logits of a zero-padded input map back onto the input:
-    # stretch = resize the padded grid onto the input (mmseg fork); crop = upsample to padded size, crop (official).
-    padding: Literal["stretch", "crop"] = "stretch"
-    class_names: list[str] | None = None
+class ModelConfig(Section):
+    key: ClassVar[str] = "model"
+    rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (
+        _heads_divide_widths, _oce_fits, _rankseg_head_fits, _one_name_per_class)
+    num_classes: int = setting(150, "classes the model predicts", COUNT)
+    backbone: BackboneConfig = setting(doc="the ViT encoder (model.backbone.*)", factory=BackboneConfig)
+    head: HeadConfig = setting(doc="the decoder (model.head.*)", factory=HeadConfig)
+    loss: LossConfig = setting(doc="the training losses (model.loss.*)", factory=LossConfig)
+    padding: Literal["stretch", "crop"] = setting(
+        "stretch", "how patch-grid logits of a zero-padded input map back onto it: stretch the padded grid onto the "
+                   "input (mmseg fork) or upsample to the padded size and crop (official)")
+    class_names: list[str] | None = setting(None, "one name per class; null: the dataset's names")
 
     def __post_init__(self) -> None:
         h = self.head
@@ -112,204 +199,9 @@ class ModelConfig:
             h.n_heads = max(1, h.d_model // 64)
         if h.d_ff is None:
             h.d_ff = 4 * h.d_model
-        validate_model_config(self)
+        super().__post_init__()
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
-    b, h = cfg.backbone, cfg.head
-    if cfg.num_classes < 1:
-        raise ConfigError(f"model.num_classes: must be >= 1, got {cfg.num_classes}")
-    if b.embed_dim % b.num_heads:
-        raise ConfigError(f"model.backbone.embed_dim: {b.embed_dim} is not divisible by num_heads {b.num_heads}")
-    if h.d_model % h.n_heads:
-        raise ConfigError(f"model.head.d_model: {h.d_model} is not divisible by n_heads {h.n_heads}")
-    if b.oce_start_layer is not None and not 0 <= b.oce_start_layer < b.depth:
-        raise ConfigError(f"model.backbone.oce_start_layer: {b.oce_start_layer} is outside [0, {b.depth})")
-    if h.cls_emb_from_backbone:
-        if b.oce_start_layer is None:
-            raise ConfigError("model.head.cls_emb_from_backbone: needs model.backbone.oce_start_layer")
-        if h.d_model != b.embed_dim:
-            raise ConfigError("model.head.cls_emb_from_backbone: needs head.d_model == backbone.embed_dim")
-    if h.type == "rankseg":
-        if not 1 <= h.topk <= cfg.num_classes:
-            raise ConfigError(f"model.head.topk: {h.topk} must be in [1, num_classes={cfg.num_classes}]")
-        first = 1 if h.multilabel_head == "encoder_layer" else 0
-        if h.n_layers <= first:
-            raise ConfigError(f"model.head.n_layers: {h.n_layers} leaves no segmentation block")
-        if h.multilabel_head != "encoder_layer" and h.cls_emb_from_backbone:
-            raise ConfigError(f"model.head.multilabel_head: {h.multilabel_head} does not support OCE")
-        if h.multilabel_head != "encoder_layer" and h.downsample is None:
-            raise ConfigError(f"model.head.downsample: {h.multilabel_head} needs a pooled grid size")
-    if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
-        raise ConfigError(
-            f"model.class_names: {len(cfg.class_names)} names for num_classes={cfg.num_classes}"
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Generic strict construction
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    data = dict(data)
-    if hasattr(cls, "expand_keys"):  # keys that stand for others, e.g. a backbone preset
-        data = cls.expand_keys(data, path)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{_join(path, key)}: unknown key{_suggest(key, names)}")
-    kwargs = {key: _coerce(hints[key], value, _join(path, key)) for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path or cls.__name__}: {err}") from None
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain YAML-safe structure of a config dataclass (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _suggest(key: str, options: Any) -> str:
-    match = difflib.get_close_matches(str(key), [str(o) for o in options], n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_suggest(value, args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value] * len(args) if args and args[-1] is not Ellipsis else [value]
-        if args and args[-1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()} if args else dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# YAML files
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file, resolving ``_base_`` files relative to it; returns the merged plain dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    bases = data.pop("_base_", [])
-    if isinstance(bases, str):
-        bases = [bases]
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = merge_dicts(merged, load_yaml(path.parent / base))
-    return merge_dicts(merged, data)
-
-
-def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.pop("_delete_", False):
-            out[key] = merge_dicts(out[key], value)
-        else:
-            if isinstance(value, dict):
-                value.pop("_delete_", None)
-            out[key] = value
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a plain config dict."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        dotted, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        keys = dotted.strip().split(".")
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            node[key] = dict(child) if isinstance(child, dict) else {}
-            node = node[key]
-        node[keys[-1]] = value
-    return data
 
 
 def model_config_from(data: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig:
@@ -328,65 +220,100 @@ def model_config_from(data: ModelConfig | dict[str, Any] | str | Path) -> ModelC
 
 
 @dataclass
-class DataConfig:
-    dataset: str = "synthetic"  # a name from segrank.data (``segrank datasets list``) or "folder"
-    root: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    img_scale: tuple[int, int] = (2048, 512)  # (long, short) keep-ratio target, train and test
-    crop_size: tuple[int, int] = (512, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric: bool = True
-    normalization: Literal["imagenet", "half"] | None = None  # None: the dataset's reference default
-    workers: int = 2
-    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific (e.g. synthetic sizes)
+class DataConfig(Section):
+    key: ClassVar[str] = "data"
+    dataset: str = setting("synthetic", "a dataset name (segrank datasets list) or folder")
+    root: str | None = setting(None, "the dataset's folder")
+    train_split: str = setting("train", "split trained on")
+    val_split: str = setting("val", "split evaluated on")
+    img_scale: tuple[int, int] = setting((2048, 512), "(long, short) target of the keep-ratio resize, train and test",
+                                         COUNT)
+    crop_size: tuple[int, int] = setting((512, 512), "training crop (height, width)", COUNT)
+    ratio_range: tuple[float, float] = setting((0.5, 2.0), "training rescale: img_scale times a ratio drawn from "
+                                                           "this range", above(0, ordered=True))
+    cat_max_ratio: float = setting(0.75, "a training crop is redrawn (up to 10 times) while one class covers this "
+                                         "fraction of it or more; 1: no redraw", Bound(lo=0, hi=1, lo_open=True))
+    flip_prob: float = setting(0.5, "probability of a horizontal flip in training", PROBABILITY)
+    photometric: bool = setting(True, "random brightness, contrast, saturation and hue in training")
+    normalization: Literal["imagenet", "half"] | None = setting(
+        None, "pixel normalisation: ImageNet mean/std or 0.5/0.5; null: the dataset's reference default")
+    workers: int = setting(2, "data-loading worker processes per process; 0: load in the main process",
+                           NON_NEGATIVE)
+    options: dict[str, Any] = setting(doc="dataset-specific options (e.g. synthetic sizes)", factory=dict)
+
+
+def _accumulation_divides_batch(tc: TrainConfig) -> str | None:
+    """batch_size is divisible by grad_accum (and, when training, by grad_accum x processes)."""
+    if tc.batch_size % tc.grad_accum:
+        return f"train.batch_size: {tc.batch_size} is not divisible by grad_accum {tc.grad_accum}"
+    return None
+
+
+def _schedule_decays(tc: TrainConfig) -> str | None:
+    """min_lr is at most lr: the poly schedule decays from lr to min_lr."""
+    if tc.min_lr > tc.lr:
+        return f"train.min_lr: {tc.min_lr} is above train.lr {tc.lr} (the schedule decays from lr to min_lr)"
+    return None
 
 
 @dataclass
-class TrainConfig:
-    max_iters: int = 160000
-    batch_size: int = 8  # global batch per optimiser step, whatever the number of processes
-    grad_accum: int = 1
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    # Per-parameter weight-decay multipliers: the longest key that is a substring of the parameter's
-    # reference (mmseg) name wins, as in mmcv's DefaultOptimizerConstructor.
-    decay_mult: dict[str, float] = field(
-        default_factory=lambda: {"pos_embed": 0.0, "cls_token": 0.0, "norm": 0.0}
-    )
-    lr_power: float = 0.9
-    min_lr: float = 1e-5
-    warmup_iters: int = 0
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    seed: int = 0
-    checkpoint_interval: int = 0  # 0: max_iters // 10
-    eval_interval: int = 0  # 0: max_iters // 10; -1: no evaluation during training
-    keep_checkpoints: int = 3
-    log_interval: int = 50
-    pretrained: str | None = None  # backbone weights (.npz AugReg or timm state dict)
-    nonfinite: Literal["stop", "skip"] = "stop"
+class TrainConfig(Section):
+    key: ClassVar[str] = "train"
+    rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (_accumulation_divides_batch, _schedule_decays)
+    max_iters: int = setting(160000, "optimiser steps of the run", COUNT)
+    batch_size: int = setting(8, "global batch per optimiser step, whatever the number of processes", COUNT)
+    grad_accum: int = setting(1, "micro-batches per optimiser step", COUNT)
+    lr: float = setting(1e-3, "learning rate at step 0 (SGD)", POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", RATE)
+    weight_decay: float = setting(0.0, "SGD weight decay", NON_NEGATIVE)
+    # The longest key that is a substring of the parameter's reference (mmseg) name wins, as in mmcv's
+    # DefaultOptimizerConstructor.
+    decay_mult: dict[str, float] = setting(
+        doc="weight-decay multiplier per parameter-name substring (longest matching key wins)", bound=NON_NEGATIVE,
+        factory=lambda: {"pos_embed": 0.0, "cls_token": 0.0, "norm": 0.0})
+    lr_power: float = setting(0.9, "exponent of the poly decay", NON_NEGATIVE)
+    min_lr: float = setting(1e-5, "learning rate the poly decay ends at", NON_NEGATIVE)
+    warmup_iters: int = setting(0, "steps of linear warmup", NON_NEGATIVE)
+    amp: Literal["none", "bf16", "fp16"] = setting("none", "mixed precision on GPUs")
+    seed: int = setting(0, "seed of the weights, the data order, augmentation and dropout", within(0, 2**32 - 1))
+    checkpoint_interval: int = setting(0, "steps between checkpoints; 0: max_iters // 10", NON_NEGATIVE)
+    eval_interval: int = setting(0, "steps between evaluations; 0: max_iters // 10; -1: no evaluation during "
+                                    "training", at_least(-1))
+    keep_checkpoints: int = setting(3, "newest checkpoints kept on disk; 0: all", NON_NEGATIVE)
+    log_interval: int = setting(50, "steps between log.jsonl records", COUNT)
+    pretrained: str | None = setting(None, "backbone weights to start from (.npz AugReg or timm state dict)")
+    nonfinite: Literal["stop", "skip"] = setting("stop", "on a NaN/inf loss: stop the run, or skip the step")
+
+
+def _windows_cover_image(ec: EvalConfig) -> str | None:
+    """slide mode: stride is at most crop_size on each side, so the windows leave no gap."""
+    if ec.mode == "slide" and any(s > c for s, c in zip(ec.stride, ec.crop_size, strict=True)):
+        return (f"eval.stride: {list(ec.stride)} is larger than eval.crop_size {list(ec.crop_size)} (the windows "
+                "would leave gaps)")
+    return None
 
 
 @dataclass
-class EvalConfig:
-    mode: Literal["whole", "slide"] = "slide"
-    crop_size: tuple[int, int] = (512, 512)
-    stride: tuple[int, int] = (512, 512)
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    ms_scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])  # --ms-flip
-    batch_size: int = 1
+class EvalConfig(Section):
+    key: ClassVar[str] = "eval"
+    rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (_windows_cover_image,)
+    mode: Literal["whole", "slide"] = setting("slide", "whole image in one pass, or sliding windows")
+    crop_size: tuple[int, int] = setting((512, 512), "sliding window (height, width)", COUNT)
+    stride: tuple[int, int] = setting((512, 512), "step between sliding windows (height, width)", COUNT)
+    scales: list[float] = setting(doc="test scales, as ratios of data.img_scale", bound=above(0, nonempty=True),
+                                  factory=lambda: [1.0])
+    flip: bool = setting(False, "also average the horizontally flipped image")
+    ms_scales: list[float] = setting(doc="test scales of --ms-flip", bound=above(0, nonempty=True),
+                                     factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    batch_size: int = setting(1, "windows per forward pass", COUNT)
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = setting(doc="the network and its losses", factory=ModelConfig)
+    data: DataConfig = setting(doc="the dataset and its augmentation", factory=DataConfig)
+    train: TrainConfig = setting(doc="optimisation, checkpoints and logging", factory=TrainConfig)
+    eval: EvalConfig = setting(doc="test-time inference", factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
