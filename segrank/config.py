@@ -16,10 +16,8 @@ from typing import Any, ClassVar, Literal
 from segrank.config_build import (
     apply_overrides,
     from_dict,
-    join_key,
     load_yaml,
     merge_dicts,
-    suggestion,
     to_dict,
 )
 from segrank.config_fields import (
@@ -47,6 +45,7 @@ __all__ = ["VIT_PRESETS", "BackboneConfig", "Config", "ConfigError", "DataConfig
 # Model
 
 
+ViTPreset = Literal["vit_t16", "vit_s16", "vit_b16", "vit_l16"]
 VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit_t16": {"embed_dim": 192, "depth": 12, "num_heads": 3, "patch_size": 16},
     "vit_s16": {"embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16},
@@ -58,8 +57,8 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 @dataclass
 class BackboneConfig(Section):
     key: ClassVar[str] = "model.backbone"
-    preset: str | None = setting(None, f"ViT size ({', '.join(VIT_PRESETS)}) filling patch_size, embed_dim, depth "
-                                       "and num_heads; keys given explicitly win")
+    preset: ViTPreset | None = setting(None, "ViT size filling patch_size, embed_dim, depth and num_heads; keys given "
+                                             "explicitly win")
     patch_size: int = setting(16, "side of the square patches, in pixels", COUNT)
     embed_dim: int = setting(768, "token width", COUNT)
     depth: int = setting(12, "transformer blocks", COUNT)
@@ -77,14 +76,10 @@ class BackboneConfig(Section):
 
     @staticmethod
     def expand_keys(data: dict[str, Any], path: str) -> dict[str, Any]:
-        """A ``preset`` fills embed_dim/depth/num_heads/patch_size; keys given explicitly win."""
+        """A ``preset`` fills embed_dim/depth/num_heads/patch_size; keys given explicitly win (an unknown preset is
+        refused by the field's type)."""
         preset = data.get("preset")
-        if preset is None:
-            return data
-        if preset not in VIT_PRESETS:
-            raise ConfigError(f"{join_key(path, 'preset')}: unknown preset {preset!r}"
-                              f"{suggestion(preset, VIT_PRESETS)}")
-        return {**VIT_PRESETS[preset], **data}
+        return {**VIT_PRESETS[preset], **data} if isinstance(preset, str) and preset in VIT_PRESETS else data
 
 
 @dataclass
@@ -183,9 +178,9 @@ class ModelConfig(Section):
     rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (
         _heads_divide_widths, _oce_fits, _rankseg_head_fits, _one_name_per_class)
     num_classes: int = setting(150, "classes the model predicts", COUNT)
-    backbone: BackboneConfig = setting(doc="the ViT encoder (model.backbone.*)", factory=BackboneConfig)
-    head: HeadConfig = setting(doc="the decoder (model.head.*)", factory=HeadConfig)
-    loss: LossConfig = setting(doc="the training losses (model.loss.*)", factory=LossConfig)
+    backbone: BackboneConfig = setting(doc="the ViT encoder", factory=BackboneConfig)
+    head: HeadConfig = setting(doc="the decoder head", factory=HeadConfig)
+    loss: LossConfig = setting(doc="the training losses", factory=LossConfig)
     padding: Literal["stretch", "crop"] = setting(
         "stretch", "how patch-grid logits of a zero-padded input map back onto it: stretch the padded grid onto the "
                    "input (mmseg fork) or upsample to the padded size and crop (official)")
@@ -223,7 +218,7 @@ def model_config_from(data: ModelConfig | dict[str, Any] | str | Path) -> ModelC
 class DataConfig(Section):
     key: ClassVar[str] = "data"
     dataset: str = setting("synthetic", "a dataset name (segrank datasets list) or folder")
-    root: str | None = setting(None, "the dataset's folder")
+    root: str | None = setting(None, "the dataset's folder (the synthetic dataset has none)")
     train_split: str = setting("train", "split trained on")
     val_split: str = setting("val", "split evaluated on")
     img_scale: tuple[int, int] = setting((2048, 512), "(long, short) target of the keep-ratio resize, train and test",
@@ -236,7 +231,8 @@ class DataConfig(Section):
     flip_prob: float = setting(0.5, "probability of a horizontal flip in training", PROBABILITY)
     photometric: bool = setting(True, "random brightness, contrast, saturation and hue in training")
     normalization: Literal["imagenet", "half"] | None = setting(
-        None, "pixel normalisation: ImageNet mean/std or 0.5/0.5; null: the dataset's reference default")
+        None, "pixel normalisation: ImageNet mean/std, or (x - 127.5) / 127.5; null: the dataset's reference "
+                     "default")
     workers: int = setting(2, "data-loading worker processes per process; 0: load in the main process",
                            NON_NEGATIVE)
     options: dict[str, Any] = setting(doc="dataset-specific options (e.g. synthetic sizes)", factory=dict)
