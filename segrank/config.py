@@ -37,8 +37,8 @@ from segrank.errors import ConfigError
 
 # The public config interface: the classes below and the loaders of segrank.config_build.
 __all__ = ["VIT_PRESETS", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig",
-           "LossConfig", "ModelConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "load_yaml",
-           "merge_dicts", "model_config_from", "to_dict"]
+           "LossConfig", "ModelConfig", "TrainConfig", "ViTPreset", "apply_overrides", "from_dict", "load_config",
+           "load_yaml", "merge_dicts", "model_config_from", "to_dict"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,8 +195,6 @@ class ModelConfig(Section):
         if h.d_ff is None:
             h.d_ff = 4 * h.d_model
         super().__post_init__()
-
-
 
 
 def model_config_from(data: ModelConfig | dict[str, Any] | str | Path) -> ModelConfig:

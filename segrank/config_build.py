@@ -28,8 +28,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
-            raise ConfigError(f"{join_key(path, key)}: unknown key{suggestion(key, names)}")
-    kwargs = {key: _coerce(hints[key], value, join_key(path, key)) for key, value in data.items()}
+            raise ConfigError(f"{_join(path, key)}: unknown key{_suggest(key, names)}")
+    kwargs = {key: _coerce(hints[key], value, _join(path, key)) for key, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -49,11 +49,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def join_key(path: str, key: str) -> str:
+def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def suggestion(key: str, options: Any) -> str:
+def _suggest(key: str, options: Any) -> str:
     match = difflib.get_close_matches(str(key), [str(o) for o in options], n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -79,7 +79,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise errors[0]
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{suggestion(value, args)}")
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_suggest(value, args)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
@@ -118,6 +118,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
 
 # --------------------------------------------------------------------------------------------------------------
 # YAML files
