@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from segrank.config import Config, load_config
-from segrank.config_docs import REGENERATE, render_config_docs
+from segrank.config.docs import REGENERATE, render_config_docs
 from tests.reliability.common import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 
 import segrank
 from segrank.config import VIT_PRESETS, Config, ConfigError, ViTPreset, load_config
-from segrank.config_fields import Bound, bound_of, doc_of
+from segrank.config.fields import Bound, bound_of, doc_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" not in p.relative_to(REPO).parts)
@@ -153,7 +153,7 @@ BOUNDED = [(key, f, tp) for key, f, tp in SCHEMA if bound_of(f) is not None]
 def test_every_field_has_a_meaning_and_every_numeric_field_a_bound():
     assert len(SCHEMA) > 60
     for key, f, tp in SCHEMA:
-        assert doc_of(f), f"{key}: no doc (setting(default, doc, bound) in segrank/config.py)"
+        assert doc_of(f), f"{key}: no doc (setting(default, doc, bound) in segrank/config/__init__.py)"
         if holds(tp):
             assert isinstance(bound_of(f), Bound), f"{key}: numeric field without a declared bound"
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

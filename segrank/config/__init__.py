@@ -2,7 +2,7 @@
 
 A config file is YAML; ``_base_: [a.yaml, b.yaml]`` composes files (later files and the file itself win,
 dicts merge key by key). Every key is checked against the dataclass fields, so a typo is an error naming the key,
-and every value against the bound its field declares (segrank.config_fields), so a value out of range is refused
+and every value against the bound its field declares (segrank.config.fields), so a value out of range is refused
 when the config is loaded, before any work starts. docs/config.md is generated from the same declarations.
 """
 
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from segrank.config_build import (
+from segrank.config.build import (
     apply_overrides,
     from_dict,
     load_yaml,
     merge_dicts,
     to_dict,
 )
-from segrank.config_fields import (
+from segrank.config.fields import (
     COUNT,
     NON_NEGATIVE,
     POSITIVE,
@@ -35,7 +35,7 @@ from segrank.config_fields import (
 )
 from segrank.errors import ConfigError
 
-# The public config interface: the classes below and the loaders of segrank.config_build.
+# The public config interface: the classes below and the loaders of segrank.config.build.
 __all__ = ["VIT_PRESETS", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig",
            "LossConfig", "ModelConfig", "TrainConfig", "ViTPreset", "apply_overrides", "from_dict", "load_config",
            "load_yaml", "merge_dicts", "model_config_from", "to_dict"]

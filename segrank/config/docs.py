@@ -1,6 +1,6 @@
 """docs/config.md, rendered from the config dataclasses: every key with its type, default, allowed values and meaning,
 all read from the field declarations that the loader enforces. Regenerate with
-``python -m segrank.config_docs > docs/config.md`` (tests/test_config_docs.py fails while the file is stale)."""
+``python -m segrank.config.docs > docs/config.md`` (tests/test_config_docs.py fails while the file is stale)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import typing
 from typing import Any, Literal
 
 from segrank.config import Config
-from segrank.config_fields import Section, bound_of, doc_of
+from segrank.config.fields import Section, bound_of, doc_of
 
-REGENERATE = "python -m segrank.config_docs > docs/config.md"
+REGENERATE = "python -m segrank.config.docs > docs/config.md"
 
 INTRO = f"""# Configuration reference
 
-<!-- Generated from the field declarations in segrank/config.py by `{REGENERATE}`; edit those, not this file. -->
+<!-- Generated from the declarations in segrank/config/__init__.py by `{REGENERATE}`; edit those, not this. -->
 
 A config is a YAML file with the sections below; `_base_: [a.yaml, b.yaml]` composes files (later files and the file
 itself win, mappings merge key by key, `_delete_: true` in a mapping replaces instead of merging), and
