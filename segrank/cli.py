@@ -187,12 +187,23 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="DataLoader batch size")
 
 
+def add_config_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("config", help="inspect configs (every key and its allowed values: docs/config.md)")
+    actions = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p = actions.add_parser("show", help="print the resolved config (bases merged, overrides applied, values checked) "
+                                        "as YAML; it loads again as a config file")
+    p.add_argument("config", help="YAML config file")
+    _set_option(p, "train.max_iters=1000")
+    p.set_defaults(func=commands.config_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_checkpoint_commands(sub)  # convert, info
     add_run_commands(sub)  # train, demo, eval, predict
     add_dataset_commands(sub)  # datasets list | check | prepare
+    add_config_commands(sub)  # config show
     add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | data
     return parser
 

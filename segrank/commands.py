@@ -176,6 +176,18 @@ def datasets_prepare(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_show(args: argparse.Namespace) -> int:
+    """Print the config after ``_base_`` composition, ``--set`` overrides and derived defaults, checked like every
+    command checks it; the output loads again as a config file."""
+    cfg = load_config(args.config, args.set)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Benchmarks
 
 

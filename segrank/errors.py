@@ -7,3 +7,7 @@ class SegrankError(Exception):
 
 class CheckpointError(SegrankError):
     """A file that is not a usable checkpoint, or one that does not fit the architecture."""
+
+
+class ConfigError(SegrankError, ValueError):
+    """A configuration that cannot be used; the message names the key and the problem."""

@@ -1,17 +1,22 @@
 """Every model-zoo config parses, builds its model (shrunk for speed) with its dataset's class count, runs a
-forward and a loss, starts with its model-zoo row comment, and agrees with docs/model_zoo.md."""
+forward and a loss, starts with its model-zoo row comment, and agrees with docs/model_zoo.md. Every config field
+declares its meaning and, when numeric, its allowed values, and the loader refuses each value outside them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import segrank
-from segrank.config import load_config
+from segrank.config import VIT_PRESETS, Config, ConfigError, ViTPreset, load_config
+from segrank.config.fields import Bound, bound_of, doc_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" not in p.relative_to(REPO).parts)
@@ -114,3 +119,118 @@ def test_model_zoo_doc_lists_every_config_with_its_numbers() -> None:
         assert rows[key][0][2:4] == [match["ss"], match["ms"]], key
     assert set(rows) == {str(p.relative_to(REPO)) for p in CONFIGS}
     assert sum(len(v) for v in rows.values()) == 30  # the "1 TranEnc layer" row shares a config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema: declared meanings and bounds, enforced at load time
+
+
+def schema_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, typing.Any]]:
+    """(full key, field, type) of every leaf field of the config."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        out += schema_fields(tp, key + ".") if dataclasses.is_dataclass(tp) else [(key, f, tp)]
+    return out
+
+
+def holds(tp: typing.Any, kinds: tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``tp`` holds values of ``kinds``: itself, or a union, tuple, list or mapping (values) with them."""
+    if tp in kinds:
+        return True
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict:
+        args = args[1:]
+    return typing.get_origin(tp) in (typing.Union, types.UnionType, tuple, list, dict) and any(
+        holds(a, kinds) for a in args)
+
+
+SCHEMA = schema_fields()
+BOUNDED = [(key, f, tp) for key, f, tp in SCHEMA if bound_of(f) is not None]
+
+
+def test_every_field_has_a_meaning_and_every_numeric_field_a_bound():
+    assert len(SCHEMA) > 60
+    for key, f, tp in SCHEMA:
+        assert doc_of(f), f"{key}: no doc (setting(default, doc, bound) in segrank/config/__init__.py)"
+        if holds(tp):
+            assert isinstance(bound_of(f), Bound), f"{key}: numeric field without a declared bound"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert bound_of(f).problem(default) is None, f"{key}: default {default!r} outside its own bound"
+        else:
+            assert bound_of(f) is None, f"{key}: bound on a field that holds no numbers"
+    assert set(typing.get_args(ViTPreset)) == set(VIT_PRESETS)
+
+
+def outside(bound: Bound, tp: typing.Any) -> float:
+    """A number just outside ``bound``, of the field's number type."""
+    step = 0.5 if holds(tp, (float,)) else 1
+    if bound.lo is not None:
+        return bound.lo if bound.lo_open else bound.lo - step
+    return bound.hi if bound.hi_open else bound.hi + step
+
+
+def written(value: float, tp: typing.Any) -> str:
+    """``value`` as a --set value of a field of type ``tp`` (a pair, a list, a mapping or a number)."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"[{value}, {value}]"
+    if origin is list:
+        return f"[{value}]"
+    if origin is dict:
+        return f"{{some_key: {value}}}"
+    return str(value)
+
+
+@pytest.mark.parametrize("key,f,tp", BOUNDED, ids=[key for key, _, _ in BOUNDED])
+def test_every_bound_is_enforced_at_load(key, f, tp):
+    bound = bound_of(f)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*must be {re.escape(bound.range_text())}, got "):
+        load_config(None, [f"{key}={written(outside(bound, tp), tp)}"])
+    if holds(tp, (float,)):
+        for bad in (".nan", ".inf", "-.inf"):
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*must be a finite number, got "):
+                load_config(None, [f"{key}={written(bad, tp)}"])
+    if bound.ordered:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be \(low, high\) with low <= high"):
+            load_config(None, [f"{key}=[2.0, 1.0]"])
+    if bound.nonempty:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must have at least one value"):
+            load_config(None, [f"{key}=[]"])
+
+
+# (overrides breaking a rule, its message, one more override that mends it)
+RULE_CASES = [
+    (["train.batch_size=6", "train.grad_accum=4"], "train.batch_size: 6 is not divisible by grad_accum 4",
+     "train.grad_accum=3"),
+    (["train.lr=0.01", "train.min_lr=0.1"], "train.min_lr: 0.1 is above train.lr 0.01", "train.min_lr=0.01"),
+    (["eval.stride=[512, 768]"], "eval.stride: [512, 768] is larger than eval.crop_size [512, 512]",
+     "eval.mode=whole"),
+    (["model.backbone.embed_dim=100"], "model.backbone.embed_dim: 100 is not divisible by num_heads 12",
+     "model.backbone.num_heads=10"),
+    (["model.backbone.oce_start_layer=12"], "model.backbone.oce_start_layer: 12 is outside [0, 12)",
+     "model.backbone.depth=13"),
+    (["model.head.type=rankseg", "model.head.multilabel_head=query2label", "model.head.q2l_heads=5"],
+     "model.head.d_model: 768 is not divisible by 4 and by q2l_heads 5", "model.head.q2l_heads=6"),
+    (["model.head.type=rankseg", "model.num_classes=10"], "model.head.topk: 50 must be in [1, num_classes=10]",
+     "model.head.topk=10"),
+]
+
+
+@pytest.mark.parametrize("overrides,message,mend", RULE_CASES, ids=[m.split(":")[0] for _, m, _ in RULE_CASES])
+def test_rules_between_keys_are_enforced_at_load(overrides, message, mend):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message)
+    load_config(None, [*overrides, mend])  # the same values, made consistent, load
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    for text in ("", "# only a comment\n", "{}\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml: empty config file"):
+            load_config(tmp_path / "empty.yaml")
+    (tmp_path / "list.yaml").write_text("- train\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")

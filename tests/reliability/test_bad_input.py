@@ -142,6 +142,118 @@ def topk_greater_than_classes(tmp):
         "model.head.topk: 7 must be in [1, num_classes=6]"
 
 
+# --- configuration values: refused when the config is loaded, before the run or evaluation starts --------------
+
+
+def bad_value(tmp, setting: str) -> list:
+    return train_args(tmp, tiny_config(), "--set", setting)
+
+
+@case
+def batch_size_zero(tmp):
+    return bad_value(tmp, "train.batch_size=0"), "train.batch_size: must be >= 1, got 0"
+
+
+@case
+def negative_batch_size(tmp):
+    return bad_value(tmp, "train.batch_size=-4"), "train.batch_size: must be >= 1, got -4"
+
+
+@case
+def grad_accum_zero(tmp):
+    return bad_value(tmp, "train.grad_accum=0"), "train.grad_accum: must be >= 1, got 0"
+
+
+@case
+def batch_not_divisible_by_accumulation(tmp):
+    return bad_value(tmp, "train.grad_accum=3"), "train.batch_size: 2 is not divisible by grad_accum 3"
+
+
+@case
+def max_iters_zero(tmp):
+    return bad_value(tmp, "train.max_iters=0"), "train.max_iters: must be >= 1, got 0"
+
+
+@case
+def negative_learning_rate(tmp):
+    return bad_value(tmp, "train.lr=-1"), "train.lr: must be > 0, got -1.0"
+
+
+@case
+def nan_learning_rate(tmp):
+    return bad_value(tmp, "train.lr=.nan"), "train.lr: must be a finite number, got nan"
+
+
+@case
+def min_lr_above_lr(tmp):
+    return bad_value(tmp, "train.min_lr=0.1"), "train.min_lr: 0.1 is above train.lr 0.01"
+
+
+@case
+def negative_workers(tmp):
+    return bad_value(tmp, "data.workers=-1"), "data.workers: must be >= 0, got -1"
+
+
+@case
+def reversed_ratio_range(tmp):
+    return bad_value(tmp, "data.ratio_range=[1.5,0.75]"), \
+        "data.ratio_range: must be (low, high) with low <= high, got [1.5, 0.75]"
+
+
+@case
+def crop_size_of_three_values(tmp):
+    return bad_value(tmp, "data.crop_size=[32,32,3]"), "data.crop_size: expected 2 values, got 3"
+
+
+@case
+def zero_eval_stride(tmp):
+    # Refused before training starts, not at the first evaluation after hours of training.
+    return bad_value(tmp, "eval.stride=[0,0]"), "eval.stride: every value must be >= 1, got [0, 0]"
+
+
+@case
+def embed_dim_not_divisible_by_heads(tmp):
+    return bad_value(tmp, "model.backbone.num_heads=3"), "model.backbone.embed_dim: 32 is not divisible by num_heads 3"
+
+
+@case
+def dropout_of_one(tmp):
+    return bad_value(tmp, "model.head.dropout=1"), "model.head.dropout: must be in [0, 1), got 1.0"
+
+
+@case
+def oce_start_beyond_depth(tmp):
+    return bad_value(tmp, "model.backbone.oce_start_layer=1"), "model.backbone.oce_start_layer: 1 is outside [0, 1)"
+
+
+@case
+def negative_loss_weight(tmp):
+    return bad_value(tmp, "model.loss.image_loss_weight=-1"), \
+        "model.loss.image_loss_weight: must be >= 0, got -1.0"
+
+
+@case
+def empty_config_file(tmp):
+    (tmp / "empty.yaml").write_text("# nothing set yet\n")
+    # train.max_iters=0 keeps a missing emptiness check from starting a full-size default run (the mutation check
+    # breaks it): the file's own error must come first.
+    return ["train", tmp / "empty.yaml", "--work-dir", tmp / "run", "--no-progress", "--set", "train.max_iters=0"], \
+        "empty.yaml: empty config file"
+
+
+@case
+def eval_scale_zero(tmp):
+    config, ckpt, _ = eval_setup(tmp)
+    return [*eval_args(config, ckpt), "--set", "eval.ms_scales=[0.5,0]", "--ms-flip"], \
+        "eval.ms_scales: every value must be > 0, got [0.5, 0.0]"
+
+
+@case
+def config_show_of_bad_value(tmp):
+    return ["config", "show", write_config(tmp / "train.yaml", tiny_config()), "--set", "train.seed=-1"], \
+        "train.seed: must be in [0, 4294967295], got -1"
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
 
@@ -249,4 +361,4 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, caps
 
 
 def test_matrix_is_complete():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 42
