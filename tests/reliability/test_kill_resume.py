@@ -53,7 +53,7 @@ def saved_step(ckpt_dir: Path) -> int:
 
 
 def assert_every_checkpoint_loads(ckpt_dir: Path) -> None:
-    names = [p.name for p in ckpt_dir.iterdir()]
+    names = [p.name for p in ckpt_dir.iterdir() if not p.name.startswith(".")]  # hidden: a killed write's temp file
     for name in names:
         if name.endswith(".safetensors"):
             load_file(ckpt_dir / name)  # raises on a truncated file
