@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
-from segrank.errors import CheckpointError
+from segrank.errors import CheckpointError, SegrankError
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -62,6 +63,14 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: Path, value: Any, indent: int | None = None) -> None:
     write_text(path, json.dumps(json_safe(value), indent=indent) + "\n")
+
+
+def read_yaml(path: Path, error: type[SegrankError] = SegrankError) -> Any:
+    """``yaml.safe_load`` of a file (never constructs Python objects); ``error`` naming the file when it is not YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def read_torch(path: Path) -> Any:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from segrank import files
 from segrank.errors import ConfigError
 
 
@@ -129,10 +130,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = files.read_yaml(path, ConfigError)
     if data is None or data == {}:
         # An empty file would silently mean "all defaults": a full-size training on synthetic data.
         raise ConfigError(f"{path}: empty config file (no settings)")

@@ -15,8 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from segrank import files
 from segrank.data.synthetic import synthetic_classes
 from segrank.errors import SegrankError
 
@@ -174,10 +173,7 @@ def read_folder_classes(root: Path) -> FolderClasses:
     path = root / "classes.yaml"
     if not path.is_file():
         raise SegrankError(f"{path}: not found (a folder dataset needs classes.yaml listing its class names)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SegrankError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = files.read_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not data["classes"]:
         raise SegrankError(f"{path}: needs a non-empty list under 'classes'")
     unknown = set(data) - FOLDER_KEYS
