@@ -6,13 +6,19 @@ import os
 import resource
 import signal
 import threading
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from segrank.errors import SegrankError
+
+DEFAULT_RUN_ID = "none"  # torchrun's --rdzv-id when none is given
 
 
 @dataclass
@@ -40,8 +46,73 @@ def setup_distributed(device: str | None) -> Dist:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        backend = "nccl" if device == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=attempt_store(rank, world), rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
     return Dist(rank, world, torch.device(device, local_rank) if device == "cuda" else torch.device("cpu"))
+
+
+def attempt_store(rank: int, world: int, timeout: timedelta = default_pg_timeout) -> dist.Store:
+    """torchrun's key-value store, narrowed to a namespace of this attempt of the worker group.
+
+    torchrun keeps one store for all attempts of a job (pytorch/pytorch#135712): a group restarted after a failure
+    would read the failed attempt's connection keys and hang. Restart counts are kept per node and may differ, so
+    rank 0 numbers the attempt, and every other rank asks for that number under a fresh random key that no earlier
+    attempt can have answered."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    if rank == 0:
+        attempt = store.add("segrank/attempts", 1)
+        waiting, deadline = set(range(1, world)), time.monotonic() + timeout.total_seconds()
+        while waiting:  # answer every rank's request (a stale one too: harmless) until each has joined
+            for other in sorted(waiting):
+                if store.check([f"segrank/request/{other}"]):
+                    nonce = store.get(f"segrank/request/{other}").decode()
+                    store.set(f"segrank/reply/{nonce}", str(attempt))
+                if store.check([f"segrank/{attempt}/joined/{other}"]):
+                    waiting.discard(other)
+            if waiting and time.monotonic() > deadline:
+                raise SegrankError(f"torchrun: ranks {sorted(waiting)} did not join within {timeout}")
+            time.sleep(0.01)
+    else:
+        nonce = uuid.uuid4().hex
+        store.set(f"segrank/request/{rank}", nonce)
+        attempt = int(store.get(f"segrank/reply/{nonce}"))  # waits for rank 0's answer (up to the timeout)
+        store.set(f"segrank/{attempt}/joined/{rank}", "1")
+    return dist.PrefixStore(f"segrank/{attempt}/", store)
+
+
+def agree(env: Dist, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank: a decision taken from files or the environment must not differ by rank."""
+    if env.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=env.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def elastic_restart() -> int:
+    """How often this node's torchrun has restarted its workers (``--max-restarts``): 0 on the first attempt and
+    outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def launch_id() -> str | None:
+    """The torchrun job this process belongs to (``--rdzv-id``; a fresh id with ``--standalone``), None outside
+    torchrun. All attempts of a job share it."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def continues_job(recorded: str | None) -> bool:
+    """Whether this process is a later start of the torchrun job that created a work dir (``recorded``: the job id
+    stored there): a restart after a failure, or the job requeued with the same ``--rdzv-id``. With torchrun's
+    default id ("none", shared by every job that does not set one) only a restart counts."""
+    current = launch_id()
+    if current is None or recorded != current:
+        return False
+    return current != DEFAULT_RUN_ID or elastic_restart() > 0
 
 
 class GracefulStop:

@@ -31,6 +31,7 @@ from segrank.errors import SegrankError
 from segrank.models.segmentor import Segmentor
 
 LATEST = "latest"
+LAUNCH = "torchrun_job"  # the torchrun job that created the run: its restarted attempts resume the run
 _NAME = re.compile(r"iter_(\d+)\.(safetensors|state\.pt)")
 
 
@@ -120,8 +121,9 @@ def load_training_state(
 # Work directory and logs
 
 
-def prepare_work_dir(work_dir: Path, cfg: Config, resume: bool) -> None:
-    """Create the run folder with its resolved config; on resume, check the config is the stored one."""
+def prepare_work_dir(work_dir: Path, cfg: Config, resume: bool, launch: str | None = None) -> None:
+    """Create the run folder with its resolved config (and ``launch``, the torchrun job id, when given); on resume,
+    check the config is the stored one."""
     resolved = to_dict(cfg)
     config_path = work_dir / "config.yaml"
     if resume:
@@ -139,8 +141,16 @@ def prepare_work_dir(work_dir: Path, cfg: Config, resume: bool) -> None:
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         files.write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+        if launch is not None:
+            files.write_text(work_dir / LAUNCH, launch + "\n")
     except OSError as err:
         raise SegrankError(f"{work_dir}: cannot write the work directory ({err.strerror})") from None
+
+
+def launched_by(work_dir: Path) -> str | None:
+    """The torchrun job id that created ``work_dir`` (None: not created under torchrun, or no run there)."""
+    path = work_dir / LAUNCH
+    return path.read_text().strip() if path.is_file() and (work_dir / "config.yaml").is_file() else None
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str:

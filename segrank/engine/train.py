@@ -21,7 +21,17 @@ from segrank.config import Config, ConfigError, TrainConfig
 from segrank.data import DatasetInfo, build_dataset, dataset_info
 from segrank.engine import optim, report, state
 from segrank.engine.evaluate import evaluate
-from segrank.engine.runtime import Dist, GracefulStop, barrier, memory_mb, setup_distributed
+from segrank.engine.runtime import (
+    Dist,
+    GracefulStop,
+    agree,
+    barrier,
+    continues_job,
+    elastic_restart,
+    launch_id,
+    memory_mb,
+    setup_distributed,
+)
 from segrank.engine.sampling import SampleStream, StepBatches, collate, derive_seed, seed_everything
 from segrank.errors import SegrankError
 from segrank.models.losses import presence_targets
@@ -39,6 +49,11 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     cfg = copy.deepcopy(cfg)  # class names get filled in below
     work_dir, tc = Path(work_dir), cfg.train
     env = setup_distributed(device)
+    # torchrun restarts the worker group after a failure (--max-restarts), SLURM may requeue a pre-empted job: a later
+    # start of the torchrun job that created the work dir continues it from the latest checkpoint (the run of another
+    # job there is still refused). Rank 0 decides for all, before it writes anything.
+    continued = agree(env, not resume and continues_job(state.launched_by(work_dir)))
+    resume = resume or continued
     info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
     if cfg.model.num_classes != info.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but dataset {cfg.data.dataset!r} has "
@@ -58,7 +73,8 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
 
     torch.manual_seed(tc.seed)
     model = Segmentor(cfg.model)
-    if tc.pretrained and not resume:
+    # A checkpoint replaces the pretrained backbone; a run resumed before its first checkpoint starts from it again.
+    if tc.pretrained and not (resume and state.latest_checkpoint(ckpt_dir)):
         load_backbone_weights(model, tc.pretrained)
     model.to(env.device).train()
     optimizer = optim.build_optimizer(model, tc)
@@ -66,7 +82,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     if env.main:  # the run is refused (bad data, no room for a checkpoint) before the work directory is touched
         state.check_disk_space(work_dir, model, optimizer)
-        state.prepare_work_dir(work_dir, cfg, resume)
+        state.prepare_work_dir(work_dir, cfg, resume, launch_id())
     barrier(env)
     start, result = 0, {"step": 0, "checkpoint": None, "eval": None, "stopped": False}
     if resume and state.latest_checkpoint(ckpt_dir) is not None:
@@ -75,6 +91,9 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
             scaler.load_state_dict(saved["scaler"])
         start = result["step"] = saved["step"]
         result["checkpoint"] = str(ckpt_dir / f"{state.latest_checkpoint(ckpt_dir)}.safetensors")
+    if continued and env.main:
+        print(f"segrank train: torchrun job {launch_id()} started again (restart {elastic_restart()} of this node): "
+              f"continuing {work_dir} from step {start}", flush=True)
     if env.main:
         state.truncate_log(log_path, start)
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
