@@ -116,7 +116,7 @@ def continues_job(recorded: str | None) -> bool:
 
 
 class GracefulStop:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: exit at once."""
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: exit at once (not under torchrun)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -134,10 +134,15 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            os._exit(128 + signum)
+            # Under torchrun a second signal is usually the launcher passing on the one SLURM sent to every process
+            # of the job: keep saving. torchrun kills its workers itself after --shutdown-timeout.
+            if launch_id() is None:
+                os._exit(128 + signum)
+            return
         self.requested = True
-        print(f"\nsegrank train: {signal.Signals(signum).name} received, saving a checkpoint after this step "
-              "(send it again to exit at once)", flush=True)
+        then = "send it again to exit at once" if launch_id() is None else "torchrun's --shutdown-timeout applies"
+        print(f"\nsegrank train: {signal.Signals(signum).name} received, saving a checkpoint after this step ({then})",
+              flush=True)
 
 
 def barrier(env: Dist) -> None:

@@ -1,5 +1,6 @@
 """Everything a training run writes to its work dir: the resolved config, ``log.jsonl`` (mirrored to TensorBoard when
-installed), evaluation results, and the training-state checkpoints that ``--resume`` needs to continue exactly.
+installed), evaluation results, the training-state checkpoints that ``--resume`` needs to continue exactly, and under
+torchrun the id of the job that created the run (``torchrun_job``: that job's restarts continue the run).
 
 A checkpoint of step ``s`` (the number of finished iterations) is two files in ``<work_dir>/checkpoints/``:
 ``iter_<s>.safetensors`` (the model, segrank's native format: usable by eval/predict/convert as is) and

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import segrank.engine.train as engine
 from segrank.config import Config, from_dict
-from segrank.engine import state
+from segrank.engine import runtime, state
 from segrank.errors import SegrankError
 from segrank.models import build_model
 from tests.reliability.common import REPO, subprocess_env, tiny_config, write_config
@@ -199,3 +199,20 @@ def test_only_a_later_start_of_the_same_torchrun_job_continues_a_run(job, tmp_pa
     capsys.readouterr()
     assert engine.train(cfg, work, progress=False)["step"] == 2  # continued (here: already finished)
     assert f"torchrun job {job} started again" in capsys.readouterr().out
+
+
+def test_under_torchrun_a_repeated_signal_does_not_abandon_the_checkpoint(monkeypatch):
+    """SLURM signals every process of a job and torchrun passes the signal on: a worker gets SIGTERM twice within
+    moments, and must still save its checkpoint (outside torchrun a second signal exits at once)."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "slurm-1234")
+    with runtime.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and exits == []
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    with runtime.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
