@@ -13,6 +13,7 @@ from segrank.benchmarks.measure import AMP_DTYPES, BACKBONES
 from segrank.checkpoints import FORMATS
 from segrank.data import DATASETS
 from segrank.data.convert import CONVERTERS
+from segrank.data.parallel import default_workers
 from segrank.errors import SegrankError
 
 
@@ -110,6 +111,10 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
+    def workers(p: argparse.ArgumentParser, verb: str) -> None:
+        p.add_argument("--workers", type=positive_int, default=default_workers(),
+                       help=f"processes that {verb} images in parallel (default: min(4, CPUs) = %(default)s)")
+
     parser = sub.add_parser("datasets", help="list, check and prepare datasets")
     actions = parser.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
 
@@ -121,6 +126,7 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", type=Path)
     p.add_argument("--split", action="append", help="check only this split (repeatable)")
     p.add_argument("--top", type=int, default=20, help="classes shown in the histogram")
+    workers(p, "read")
     p.set_defaults(func=commands.datasets_check)
 
     p = actions.add_parser("prepare", help="convert an official release into the layout segrank reads")
@@ -129,6 +135,8 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", type=Path, help="output root (use it as data.root)")
     p.add_argument("--categories", type=Path,
                    help="ade20k_full only: JSON list of {id, trainId} (MaskFormer's categories) instead of names")
+    workers(p, "convert")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=commands.datasets_prepare)
 
 

@@ -26,7 +26,7 @@ from segrank.checkpoints import describe, load_model, save_model
 from segrank.config import load_config, to_dict
 from segrank.data import DATASETS, build_dataset, dataset_info
 from segrank.data.check import check_dataset, format_report
-from segrank.data.convert import CONVERTERS
+from segrank.data.convert import prepare
 from segrank.engine.demo import run_demo
 from segrank.engine.evaluate import evaluate
 from segrank.engine.metrics import format_table
@@ -159,7 +159,7 @@ def datasets_list(args: argparse.Namespace) -> int:
 
 
 def datasets_check(args: argparse.Namespace) -> int:
-    report = check_dataset(args.name, args.root, args.split)
+    report = check_dataset(args.name, args.root, args.split, workers=args.workers)
     print(format_report(report, args.top))
     return 2 if report.problems else 0
 
@@ -170,8 +170,10 @@ def datasets_prepare(args: argparse.Namespace) -> int:
     if args.categories is not None and args.name != "ade20k_full":
         raise SegrankError("--categories: only for ade20k_full")
     extra = {"categories": args.categories} if args.name == "ade20k_full" else {}
-    count = CONVERTERS[args.name](args.src, args.dst, **extra)
-    print(f"segrank datasets prepare: {args.name}: {count} images in {args.dst}")
+    done = prepare(args.name, args.src, args.dst, workers=args.workers, progress=not args.no_progress, **extra)
+    speed = f", {done.images_per_s:.1f} images/s" if done.converted else ""
+    print(f"segrank datasets prepare: {args.name}: {done.images} images in {args.dst} ({done.converted} converted, "
+          f"{done.images - done.converted} already there; {args.workers} workers{speed})")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,18 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# What atomic_write's temp files are called: "." + stem + "." + mkstemp's 8 random characters + ".tmp" + suffix.
+TEMP_FILE = re.compile(r"\..*\.[a-z0-9_]{8}\.tmp(\.[^.]*)?")
+
+
+def remove_temps(folder: Path) -> int:
+    """Delete the temp files that killed atomic writes left anywhere under ``folder``; returns how many."""
+    stale = [p for p in Path(folder).rglob(".*.tmp*") if TEMP_FILE.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from segrank.data.datasets import decode_label, list_samples, read_label_file
 from segrank.data.info import DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout
+from segrank.data.parallel import run_parallel
 from segrank.errors import SegrankError
 
 
@@ -48,7 +49,10 @@ def dataset_splits(layout: Layout, root: Path) -> list[str]:
     return out
 
 
-def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, progress: bool = True) -> CheckReport:
+def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, progress: bool = True,
+                  workers: int = 1) -> CheckReport:
+    """Check every file of the dataset at ``root``; ``workers`` processes read the image/label pairs (the report is
+    the same for any number)."""
     root = Path(root)
     spec = dataset_spec(name)
     if name == "synthetic":
@@ -59,6 +63,7 @@ def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, 
     info = dataset_info(name, None, root)
     report = CheckReport(info, root, class_pixels=np.zeros(info.num_classes, np.int64),
                          class_images=np.zeros(info.num_classes, np.int64))
+    check = partial(check_pair, layout, info.num_classes, info.ignore_index)
     for split in splits or dataset_splits(layout, root):
         try:
             samples, orphans = list_samples(layout, root, split)
@@ -73,7 +78,9 @@ def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, 
         for path in orphans:
             sr.labels += 1
             report.problems.append((str(path), "label without image"))
-        for s in tqdm(samples, desc=f"check {split}", disable=not progress, leave=False):
+        pairs = [(s.image, s.label) for s in samples if s.image is not None and s.label is not None]
+        results = run_parallel(check, pairs, workers, f"check {split}", progress, ordered=True)
+        for s in samples:  # in file order, whatever the number of workers
             sr.images += s.image is not None
             sr.labels += s.label is not None
             if s.image is None:
@@ -84,42 +91,46 @@ def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, 
                 report.problems.append((str(s.image), "image without label"))
                 continue
             sr.pairs += 1
-            _check_pair(s.image, s.label, layout, report)
+            problems, classes, pixels = next(results)
+            report.problems += problems
+            if classes is not None:
+                report.class_pixels[classes] += pixels
+                report.class_images[classes] += 1
+                report.classes_per_image[len(classes)] += 1
     return report
 
 
-def _check_pair(image: Path, label_path: Path, layout: Layout, report: CheckReport) -> None:
-    info = report.info
+def check_pair(layout: Layout, num_classes: int, ignore_index: int, pair: tuple[Path, Path]
+               ) -> tuple[list[tuple[str, str]], np.ndarray | None, np.ndarray | None]:
+    """(problems, classes present, their pixel counts) of one image/label pair; no classes when the label cannot be
+    read."""
+    image, label_path = pair
+    problems: list[tuple[str, str]] = []
     try:
         with Image.open(image) as img:
             width, height = img.size
     except OSError as err:
-        report.problems.append((str(image), f"unreadable image ({err})"))
-        return
+        return [(str(image), f"unreadable image ({err})")], None, None
     try:
         raw = read_label_file(label_path)
     except SegrankError as err:
-        report.problems.append((str(label_path), str(err).removeprefix(f"{label_path}: ")))
-        return
+        return [(str(label_path), str(err).removeprefix(f"{label_path}: "))], None, None
     if raw.ndim != 2:
-        report.problems.append((str(label_path), f"label has shape {raw.shape}, expected (H, W)"))
-        return
+        return [(str(label_path), f"label has shape {raw.shape}, expected (H, W)")], None, None
     if raw.shape != (height, width):
-        report.problems.append((str(label_path), f"label size {raw.shape[1]}x{raw.shape[0]} differs from image "
-                                                 f"size {width}x{height}"))
-    label = decode_label(raw, layout, info.ignore_index)
-    valid = label != info.ignore_index
-    outside = valid & ((label < 0) | (label >= info.num_classes))
+        problems.append((str(label_path), f"label size {raw.shape[1]}x{raw.shape[0]} differs from image "
+                                          f"size {width}x{height}"))
+    label = decode_label(raw, layout, ignore_index)
+    valid = label != ignore_index
+    outside = valid & ((label < 0) | (label >= num_classes))
     if outside.any():
         bad = np.unique(raw[outside])
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        report.problems.append((str(label_path), f"{int(outside.sum())} pixels with file values outside the "
-                                                 f"{info.num_classes}-class vocabulary: {shown}"))
+        problems.append((str(label_path), f"{int(outside.sum())} pixels with file values outside the "
+                                          f"{num_classes}-class vocabulary: {shown}"))
         valid &= ~outside
-    counts = np.bincount(label[valid], minlength=info.num_classes)
-    report.class_pixels += counts
-    report.class_images += counts > 0
-    report.classes_per_image[int((counts > 0).sum())] += 1
+    classes, pixels = np.unique(label[valid], return_counts=True)
+    return problems, classes, pixels
 
 
 def format_report(report: CheckReport, top: int = 20) -> str:
