@@ -70,6 +70,26 @@ def test_every_planted_defect_is_reported_file_by_file(tmp_path, capsys):
         assert name in out
 
 
+def test_two_workers_give_the_one_worker_report(tmp_path, capsys):
+    ade_tree(tmp_path, defects=True)
+    for i in range(20):  # enough pairs for several chunks per worker, with varied class sets
+        image(tmp_path / "images" / "training" / f"extra{i:02d}.jpg")
+        label(tmp_path / "annotations" / "training" / f"extra{i:02d}.png",
+              np.array([[1 + i % 5, 1 + i % 7, 2, 3, 150, 151]] * 4, np.uint8))
+    outputs = []
+    for workers in ("1", "2"):
+        assert main(["datasets", "check", "ade20k", str(tmp_path), "--workers", workers]) == 2
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert "split train: 25 images, 25 labels, 24 pairs" in outputs[0]
+    assert "extra" in outputs[0] and "151" in outputs[0]  # extra*.png have the out-of-vocabulary value 151
+    serial = check_dataset("ade20k", tmp_path, progress=False)
+    parallel = check_dataset("ade20k", tmp_path, progress=False, workers=2)
+    assert serial.problems == parallel.problems
+    assert (serial.class_pixels == parallel.class_pixels).all() and (serial.class_images == parallel.class_images).all()
+    assert serial.classes_per_image == parallel.classes_per_image
+
+
 def test_missing_split_and_split_selection(capsys):
     # the shared sample has only the validation split: checking everything reports the missing training folder
     assert main(["datasets", "check", "ade20k", str(ADE_SAMPLE)]) == 2
