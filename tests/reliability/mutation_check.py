@@ -62,6 +62,14 @@ MUTATIONS = [
     ("data order not seeded", "segrank/engine/sampling.py",
      "generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))",
      "generator = torch.Generator()\n            generator.seed()", T + "test_determinism.py"),
+    ("a restarted torchrun job refuses its own work dir", "segrank/engine/train.py",
+     "    continued = agree(env, not resume and continues_job(state.launched_by(work_dir)))",
+     "    continued = False", T + "test_distributed.py -k later_start"),
+    ("a repeated SIGTERM under torchrun abandons the checkpoint", "segrank/engine/runtime.py",
+     "            if launch_id() is None:\n                os._exit(128 + signum)",
+     "            os._exit(128 + signum)", T + "test_distributed.py -k repeated"),
+    ("temp files of killed converter writes left in the output", "segrank/data/convert/__init__.py",
+     "        files.remove_temps(Path(dst))", "        pass", "tests/data/test_prepare_parallel.py -k temp"),
 ]
 
 
