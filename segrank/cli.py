@@ -4,6 +4,7 @@ Bad input exits 2 with one clear line."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,15 +130,24 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
     workers(p, "read")
     p.set_defaults(func=commands.datasets_check)
 
-    p = actions.add_parser("prepare", help="convert an official release into the layout segrank reads")
-    p.add_argument("name", choices=list(CONVERTERS))
-    p.add_argument("src", type=Path, help="the unpacked official release")
-    p.add_argument("dst", type=Path, help="output root (use it as data.root)")
-    p.add_argument("--categories", type=Path,
-                   help="ade20k_full only: JSON list of {id, trainId} (MaskFormer's categories) instead of names")
-    workers(p, "convert")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=commands.datasets_prepare)
+    p = actions.add_parser("prepare", help="convert an official release into the layout segrank reads",
+                           description="Convert an official dataset release (SRC) into the layout segrank reads "
+                                       "(DST). `segrank datasets prepare NAME --help` describes the files NAME "
+                                       "expects and writes. ADE20K needs no conversion: unzip "
+                                       "ADEChallengeData2016.zip and use that folder as data.root.")
+    converters = p.add_subparsers(dest="name", metavar="NAME", required=True)
+    for name, converter in CONVERTERS.items():  # the converter's docstring says what it reads and writes
+        doc = inspect.cleandoc(converter.__doc__ or name)
+        c = converters.add_parser(name, help=doc.splitlines()[0], description=doc,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("src", metavar="SRC", type=Path, help="the unpacked official release (described above)")
+        c.add_argument("dst", metavar="DST", type=Path, help="output root (use it as data.root)")
+        if name == "ade20k_full":
+            c.add_argument("--categories", metavar="FILE", type=Path, help="JSON list of {id, trainId} (MaskFormer's "
+                                                           "ADE20K_SEM_SEG_FULL_CATEGORIES) instead of name matching")
+        workers(c, "convert")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        c.set_defaults(func=commands.datasets_prepare, categories=None)
 
 
 def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:

@@ -167,8 +167,6 @@ def datasets_check(args: argparse.Namespace) -> int:
 def datasets_prepare(args: argparse.Namespace) -> int:
     if not args.src.is_dir():
         raise SegrankError(f"{args.src}: source directory not found")
-    if args.categories is not None and args.name != "ade20k_full":
-        raise SegrankError("--categories: only for ade20k_full")
     extra = {"categories": args.categories} if args.name == "ade20k_full" else {}
     done = prepare(args.name, args.src, args.dst, workers=args.workers, progress=not args.no_progress, **extra)
     speed = f", {done.images_per_s:.1f} images/s" if done.converted else ""

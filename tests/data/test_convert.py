@@ -14,7 +14,7 @@ from segrank import files
 from segrank.cli import main
 from segrank.config import DataConfig
 from segrank.data import build_dataset, dataset_info
-from segrank.data.convert import ade20k_full, coco_stuff, common, prepare
+from segrank.data.convert import CONVERTERS, ade20k_full, coco_stuff, common, prepare
 from segrank.errors import SegrankError
 from tests.data.miniature import ade20k_full_source, coco_lvis_source, coco_stuff_source, pascal_context_source
 
@@ -153,3 +153,30 @@ def test_coco_lvis_converter_paints_instances_over_stuff(tmp_path):
     assert read(dst / "lvis_mask" / "train2017" / "000000000001.png").tolist() == expected.tolist()
     item = build_dataset(DataConfig(dataset="coco_lvis", root=str(dst)), "train", train=False)[0]
     assert item["label"][5, 0] == -1 and item["label"][2, 2] == 0 and item["label"][0, 7] == branch - 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Help
+
+
+@pytest.mark.parametrize("name", list(CONVERTERS))
+def test_prepare_help_describes_the_converters_inputs_and_outputs(name, capsys):
+    """``segrank datasets prepare NAME --help`` prints that converter's description of SRC and DST."""
+    with pytest.raises(SystemExit) as stop:
+        main(["datasets", "prepare", name, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    doc = " ".join(CONVERTERS[name].__doc__.split())
+    assert doc in text
+    assert "SRC " in doc and "DST gets " in doc and "data.root" in doc
+    if name == "ade20k_full":
+        assert "--categories FILE" in text
+    else:
+        assert "--categories" not in text
+
+
+def test_prepare_rejects_options_of_other_converters(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["datasets", "prepare", "coco_stuff10k", str(tmp_path), str(tmp_path / "out"), "--categories", "x"])
+    assert stop.value.code == 2 and "--categories" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from segrank.data.convert.common import Job
 from segrank.data.convert.pascal_context import plan_pascal_context
 from segrank.data.parallel import run_parallel
 
+# Each plans the conversion of one release; its docstring is the help of ``segrank datasets prepare NAME``.
 CONVERTERS: dict[str, Callable[..., Job]] = {
     "coco_stuff10k": plan_coco_stuff10k,
     "pascal_context60": plan_pascal_context,

@@ -75,11 +75,17 @@ def resolve(src: Path, folder: str, file_name: str) -> Path:
 
 
 def plan_ade20k_full(src: Path, dst: Path, categories: Path | None = None) -> Job:
-    """SRC: the ADE20K full release (``ADE20K_2021_17_01``: ``index_ade20k.pkl`` with ``filename``, ``folder``,
-    ``objectnames``; per image ``<name>.jpg`` + ``<name>_seg.png``). DST: ``{train,val}/image/<name>.jpg``,
-    ``{train,val}/label/<name>.tif`` (uint16, 0..846, 65535 = unlabelled or not among the 847 classes), resized and
-    re-encoded like MaskFormer's ``prepare_ade20k_full_sem_seg.py`` (short side <= 512, bilinear / nearest).
-    The split is ``val`` for ``ADE_val_*`` files, else ``train``."""
+    """ADE20K-Full (847 classes) from the full ADE20K release (ADE20K_2021_17_01).
+
+    SRC is the release folder: index_ade20k.pkl (with filename, folder, objectnames) and, for every image,
+    <name>.jpg with <name>_seg.png beside it (class index of a pixel = R / 10 * 256 + G, into objectnames).
+    An object name maps to the first of the 847 classes equal to its first synonym; --categories FILE takes the ids
+    from a JSON list of {id, trainId} instead (e.g. MaskFormer's ADE20K_SEM_SEG_FULL_CATEGORIES).
+    DST gets {train,val}/image/<name>.jpg and {train,val}/label/<name>.tif (16-bit: 0..846, 65535 = unlabelled or
+    not among the 847 classes), shrunk to a short side of at most 512 like MaskFormer's
+    prepare_ade20k_full_sem_seg.py (bilinear image, nearest label). ADE_val_* images go to val, the rest to train.
+    Use DST as data.root (the configs' default: data/ade20k_full).
+    """
     index_path = src / "index_ade20k.pkl"
     if not index_path.is_file():
         raise SegrankError(f"{index_path}: not found (SRC must be the ADE20K full release directory)")

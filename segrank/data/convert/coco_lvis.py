@@ -53,11 +53,16 @@ def paint_lvis(stuff: np.ndarray, annotations: list[dict], category_value: dict[
 
 
 def plan_coco_lvis(src: Path, dst: Path) -> Job:
-    """SRC: COCO-2017 images (``train2017/``, ``val2017/``), COCO-Stuff-164k maps
-    (``stuffthingmaps_trainval2017/{train2017,val2017}/<id>.png``) and LVIS v1 (``lvis_v1_train.json``,
-    ``lvis_v1_val.json``). DST: ``images/{train2017,val2017}/<id>.jpg`` and ``lvis_mask/{train2017,val2017}/<id>.png``
-    (uint16: 0 = unlabelled, c + 1 = class c of ``coco_lvis.json``). The output split is the LVIS file's; each image
-    is found through its ``coco_url`` folder (LVIS val includes COCO train2017 images)."""
+    """COCO+LVIS (1284 classes: 1203 LVIS + 81 stuff) from COCO 2017, COCO-Stuff-164k and LVIS v1.
+
+    SRC holds the COCO 2017 images (train2017/, val2017/), the COCO-Stuff-164k maps
+    (stuffthingmaps_trainval2017/{train2017,val2017}/<id>.png) and the LVIS v1 annotations (lvis_v1_train.json,
+    lvis_v1_val.json).
+    DST gets images/{train2017,val2017}/<id>.jpg and lvis_mask/{train2017,val2017}/<id>.png (16-bit: 0 = unlabelled,
+    c + 1 = class c): the stuff map with its stuff classes kept (thing pixels become 0) and the LVIS polygons painted
+    on top, largest first. An image's split is the LVIS file it is listed in; its files are found through its
+    coco_url folder (LVIS val includes COCO train2017 images). Use DST as data.root (the configs' default: data/lvis).
+    """
     classes = dataset_info("coco_lvis").classes
     tasks: list[tuple[str, dict[str, Any], list[dict], dict[int, int]]] = []
     for json_name, split in (("lvis_v1_train.json", "train2017"), ("lvis_v1_val.json", "val2017")):

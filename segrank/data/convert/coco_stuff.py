@@ -22,9 +22,15 @@ def coco_stuff_lut() -> np.ndarray:
 
 
 def plan_coco_stuff10k(src: Path, dst: Path) -> Job:
-    """SRC: the 10k release (``imageLists/{train,test}.txt``, ``images/<name>.jpg``, ``annotations/<name>.mat`` with
-    key ``S``). DST: ``images/{train2014,test2014}/<name>.jpg``, ``annotations/<split>/<name>_labelTrainIds.png``
-    (uint8; 0 = unlabelled, 1..171 = classes)."""
+    """COCO-Stuff-10k (171 classes) from the COCO-Stuff 10k release (cocostuff-10k-v1.1.zip, unzipped).
+
+    SRC holds imageLists/train.txt and imageLists/test.txt (one image name per line), images/<name>.jpg and
+    annotations/<name>.mat (key S: raw COCO ids per pixel, 0 = unlabelled).
+    DST gets images/{train2014,test2014}/<name>.jpg and annotations/{train2014,test2014}/<name>_labelTrainIds.png
+    (8-bit: 0 = unlabelled, 1..171 = the classes; the raw COCO ids map in order to 1..171, skipping the 11 ids
+    COCO-Stuff does not use). test2014 is segrank's val split.
+    Use DST as data.root of the coco_stuff10k configs (their default: data/coco_stuff10k).
+    """
     tasks = [(Path(name).stem, split) for list_name, split in (("train", "train2014"), ("test", "test2014"))
              for name in read_list(src / "imageLists" / f"{list_name}.txt")]
     return Job("coco_stuff10k", partial(convert_image, src, dst, coco_stuff_lut()), tasks)

@@ -26,11 +26,16 @@ def pascal_context_lut(max_raw: int = 512) -> np.ndarray:
 
 
 def plan_pascal_context(src: Path, dst: Path) -> Job:
-    """SRC: a VOC2010 root (``JPEGImages/``, ``ImageSets/Main/{train,val}.txt``) with the Pascal-Context release
-    unpacked in it (``trainval/<name>.mat``, key ``LabelMap``, 459 raw ids). DST: VOC2010-style root with
-    ``JPEGImages/`` (copied unless DST is SRC), ``SegmentationClassContext/<name>.png`` (uint8, 0..59) and
-    ``ImageSets/SegmentationContext/{train,val}.txt`` (the VOC2010 split images that have a label map: 4998 / 5105).
-    The same files serve ``pascal_context60`` and ``pascal_context59``."""
+    """Pascal-Context (pascal_context60 and pascal_context59 read the same files) from VOC2010 + its context labels.
+
+    SRC is a VOC2010 root (VOCtrainval_03-May-2010.tar unpacked: JPEGImages/, ImageSets/Main/{train,val}.txt) with
+    the Pascal-Context labels (trainval.tar.gz of the Pascal-Context release) unpacked into it:
+    trainval/<name>.mat, key LabelMap, 459 raw class ids.
+    DST gets JPEGImages/ (copied, unless DST is SRC), SegmentationClassContext/<name>.png (8-bit, 0..59: the 60 raw
+    ids of the benchmark in sorted order, every other raw id becomes background 0) and
+    ImageSets/SegmentationContext/{train,val}.txt (the VOC2010 train/val images that have a label map: 4,998 /
+    5,105). Use DST as data.root (the configs' default: data/VOCdevkit/VOC2010).
+    """
     splits = {split: [n for n in read_list(src / "ImageSets" / "Main" / f"{split}.txt")
                       if (src / "trainval" / f"{n}.mat").is_file()] for split in ("train", "val")}
     copy_images = src.resolve() != dst.resolve()
