@@ -58,7 +58,11 @@ def info(args: argparse.Namespace) -> int:
     if cfg.class_names:
         shown = ", ".join(cfg.class_names[:10]) + (", ..." if len(cfg.class_names) > 10 else "")
         print(f"classes: {shown}")
-    print(yaml.safe_dump({"model": to_dict(cfg) | {"class_names": None}}, sort_keys=False).rstrip())
+    else:
+        print("classes: no names stored (class ids only)")
+    # The names were printed above; the architecture follows as a config's model section.
+    architecture = {key: value for key, value in to_dict(cfg).items() if key != "class_names"}
+    print(yaml.safe_dump({"model": architecture}, sort_keys=False).rstrip())
     return 0
 
 

@@ -140,8 +140,11 @@ def format_report(report: CheckReport, top: int = 20) -> str:
         lines.append(f"  split {sr.split}: {sr.images} images, {sr.labels} labels, {sr.pairs} pairs")
     total = int(report.class_pixels.sum())
     if total:
-        lines.append(f"class histogram (top {top} of {int((report.class_pixels > 0).sum())} classes present; "
-                     "pixels %, images):")
+        present = int((report.class_pixels > 0).sum())
+        shown = f"the {top} largest of {present} classes present" if present > top else \
+            f"all {present} classes present"
+        lines.append(f"class histogram ({shown}, largest first; class id, name, % of labelled pixels, images "
+                     "containing it):")
         for k in np.argsort(-report.class_pixels, kind="stable")[:top]:
             if report.class_pixels[k]:
                 lines.append(f"  {k:5d} {info.classes[k][:32]:32s} {100 * report.class_pixels[k] / total:6.2f} % "

@@ -49,6 +49,12 @@ def test_clean_tree_passes_with_histogram_and_class_count_distribution(tmp_path,
     assert "split train: 1 images, 1 labels, 1 pairs" in out and "split val: 1 images, 1 labels, 1 pairs" in out
     assert "no problems found" in out
     assert "2 classes:       2 images (100.0 %)" in out  # a: {0, 1}; v: {0, 2} (0 in v is ignored)
+    assert "class histogram (all 3 classes present, largest first;" in out
+    assert main(["datasets", "check", "ade20k", str(tmp_path), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "class histogram (the 2 largest of 3 classes present, largest first;" in out
+    rows = out[out.index("class histogram"):out.index("classes per image")].splitlines()[1:]
+    assert len(rows) == 2
     report = check_dataset("ade20k", tmp_path, progress=False)
     assert report.class_pixels[:3].tolist() == [12 + 4, 12, 16] and report.class_images[:3].tolist() == [2, 1, 1]
 

@@ -6,13 +6,14 @@ import pickle
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import segrank
 from segrank.checkpoints import CheckpointError, export_checkpoint, load_model, save_model
 from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.cli import main
-from segrank.config import ModelConfig, from_dict
+from segrank.config import ModelConfig, from_dict, to_dict
 
 
 def config(head: str = "rankseg", head_extra: dict | None = None, **kw) -> ModelConfig:
@@ -157,6 +158,7 @@ def test_cli_convert_and_info(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "rankseg (top-4, encoder_layer)" in text and "11 classes" in text
+    assert "classes: no names stored" in text and "class_names" not in text
     assert main(["convert", str(src), "--out", str(out)]) == 2  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
@@ -164,3 +166,14 @@ def test_cli_convert_and_info(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "junk.pth" in err
     assert not (tmp_path / "j.safetensors").exists()
+
+
+def test_info_prints_the_class_names_once_and_the_architecture_as_a_model_section(tmp_path, capsys):
+    cfg = config("rankseg", class_names=[f"thing {i}" for i in range(11)])
+    path = save_model(random_model(cfg), tmp_path / "named.safetensors")
+    assert main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "classes: thing 0, thing 1, " in text and "thing 9, ..." in text and "thing 10" not in text
+    section = yaml.safe_load(text[text.index("model:"):])["model"]
+    assert "class_names" not in section
+    assert to_dict(from_dict(ModelConfig, section, "model")) == to_dict(cfg) | {"class_names": None}
