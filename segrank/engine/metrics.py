@@ -3,7 +3,8 @@ with ``bincount`` so that no count saturates).
 
 ``hist[label, pred]`` counts valid pixels (label != ignore and inside [0, N)). IoU_c = I_c / (pred_c + label_c - I_c),
 Acc_c = I_c / label_c, both NaN where the denominator is 0; mIoU and mAcc are NaN-means over classes, so a class
-absent from both labels and predictions does not count; aAcc = sum(I) / sum(label). Fractions, not percent.
+absent from both labels and predictions does not count; aAcc = sum(I) / sum(label). Values are fractions in [0, 1]
+(results JSON, log.jsonl); only the printed table shows percent, and says so (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _nanmean(x: Tensor) -> float:
 
 
 def format_table(results: dict[str, Any], class_names: Sequence[str] | None = None) -> str:
-    """Per-class IoU/Acc in percent (classes never seen in labels or predictions shown as ``-``), then the summary."""
+    """Per-class IoU/Acc in percent (classes never seen in labels or predictions shown as ``-``), then the summary,
+    every column and value labelled as percent."""
     iou, acc = results["IoU"], results["Acc"]
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
     width = max([5, *(len(n) for n in names)])
@@ -67,11 +69,11 @@ def format_table(results: dict[str, Any], class_names: Sequence[str] | None = No
     def pct(v: float | None) -> str:
         return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
+    lines = [f"{'class':<{width}}  {'IoU (%)':>7}  {'Acc (%)':>7}", "-" * (width + 18)]
     lines += [f"{n:<{width}}  {pct(i):>7}  {pct(a):>7}" for n, i, a in zip(names, iou, acc, strict=True)]
     lines.append("-" * (width + 18))
-    summary = f"aAcc {pct(results['aAcc'])}  mIoU {pct(results['mIoU'])}  mAcc {pct(results['mAcc'])}"
+    summary = f"aAcc {pct(results['aAcc'])} %  mIoU {pct(results['mIoU'])} %  mAcc {pct(results['mAcc'])} %"
     if "image_recall" in results:
-        summary += f"  image recall {pct(results['image_recall'])}"
+        summary += f"  image recall@k {pct(results['image_recall'])} %"
     lines.append(summary)
     return "\n".join(lines)

@@ -138,7 +138,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
 
             if done % tc.log_interval == 0 or done == tc.max_iters:
                 record = _log_record(sums, logged, done, lr, env, (time.perf_counter() - tick) / (done - ticked))
-                record["eta_s"] = round(record["time"] * (tc.max_iters - done))
+                record["eta_s"] = round(record["time_s"] * (tc.max_iters - done))
                 if env.main:
                     state.append_log(log_path, record)
                 sums, logged, tick, ticked = {}, 0, time.perf_counter(), done
@@ -190,14 +190,15 @@ def _forward_backward(model: Segmentor, ddp: DistributedDataParallel | None, sca
 
 def _log_record(sums: dict[str, torch.Tensor], count: int, step: int, lr: float, env: Dist,
                 sec_per_iter: float) -> dict[str, Any]:
-    """Means over the ``count`` logged steps (and over ranks) of every loss and metric."""
+    """Means over the ``count`` logged steps (and over ranks) of every loss and metric; the keys and their units
+    are listed in docs/metrics.md."""
     names = sorted(sums)
     values = torch.stack([sums[k] for k in names]) if names else torch.zeros(0)
     if env.world > 1 and names:
         dist.all_reduce(values)
         values /= env.world
     means = {k: v / max(1, count) for k, v in zip(names, values.tolist(), strict=True)}
-    return {"type": "train", "step": step, "lr": lr, **means, "time": round(sec_per_iter, 4),
+    return {"type": "train", "step": step, "lr": lr, **means, "time_s": round(sec_per_iter, 4),
             "memory_mb": round(memory_mb(env.device), 1)}
 
 

@@ -64,9 +64,10 @@ def seg_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, reducti
 
 
 def pixel_accuracy(logits: Tensor, target: Tensor) -> Tensor:
-    """Reference ``acc_seg``: 100 * argmax hits / all pixels (ignored pixels count in the denominator)."""
+    """Fraction of all pixels whose argmax equals the target (ignored pixels count in the denominator, as in
+    mmseg's ``acc_seg``, which is 100 times this)."""
     hits = (logits.argmax(1) == target).sum()
-    return (hits * 100.0 / target.numel()).reshape(1)
+    return (hits / target.numel()).float().reshape(1)
 
 
 def bce_image_loss(image_logits: Tensor, targets: Tensor) -> Tensor:
@@ -108,18 +109,20 @@ def _nan_mean_or_one(values: Tensor) -> Tensor:
 
 
 def image_recall(hist: Tensor, class_index: Tensor) -> Tensor:
-    """Mean over images of |present ∩ selected| / |present| (images without labels are skipped)."""
+    """Mean over images of |present ∩ selected| / |present| (images without labels are skipped; reference
+    ``acc_img``)."""
     _, sel_present, _ = _hits(hist, class_index)
     return _nan_mean_or_one(sel_present / (hist > 0).sum(1).double())
 
 
 def image_precision(hist: Tensor, class_index: Tensor) -> Tensor:
-    """Mean over images of |present ∩ selected| / k (reference ``acc_img_accuracy``)."""
+    """Mean over images of |present ∩ selected| / k: the precision of the selection (the reference logs it as
+    ``acc_img_accuracy``)."""
     _, sel_present, k = _hits(hist, class_index)
     return (sel_present / k.clamp(min=1)).mean().float()
 
 
 def pixel_recall(hist: Tensor, class_index: Tensor) -> Tensor:
-    """Mean over images of the fraction of labelled pixels whose class was selected."""
+    """Mean over images of the fraction of labelled pixels whose class was selected (reference ``acc_pix``)."""
     sel_pixels, _, _ = _hits(hist, class_index)
     return _nan_mean_or_one(sel_pixels / hist.sum(1).double())

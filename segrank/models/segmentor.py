@@ -106,7 +106,8 @@ class Segmentor(nn.Module):
         """Training losses and metrics. labels (B, H, W) int class ids at input resolution.
 
         Returns ``loss`` (the total to back-propagate), ``loss_seg``, ``loss_img`` (weighted, RankSeg only) and
-        the logged metrics ``acc_seg``, ``acc_pix``, ``acc_img``, ``acc_img_accuracy`` (RankSeg/GT).
+        the logged metrics, fractions in [0, 1] (docs/metrics.md): ``pixel_acc``, and for RankSeg/GT
+        ``pixel_recall``, ``image_recall``, ``image_precision``.
         """
         cfg = self.cfg.loss
         labels = labels.long()
@@ -118,7 +119,7 @@ class Segmentor(nn.Module):
         else:
             target = L.rank_remap(labels, output.class_index, self.num_classes, ignore_index)
         out["loss_seg"] = L.seg_cross_entropy(logits, target, ignore_index, cfg.seg_reduction)
-        out["acc_seg"] = L.pixel_accuracy(logits.detach(), target)
+        out["pixel_acc"] = L.pixel_accuracy(logits.detach(), target)
         total = out["loss_seg"]
         if output.image_logits is not None:
             presence = L.presence_targets(labels, self.num_classes, ignore_index)
@@ -132,9 +133,9 @@ class Segmentor(nn.Module):
         if output.is_sparse:
             with torch.no_grad():
                 hist = L.class_histogram(labels, self.num_classes, ignore_index)
-                out["acc_pix"] = L.pixel_recall(hist, output.class_index)
-                out["acc_img"] = L.image_recall(hist, output.class_index)
-                out["acc_img_accuracy"] = L.image_precision(hist, output.class_index)
+                out["pixel_recall"] = L.pixel_recall(hist, output.class_index)
+                out["image_recall"] = L.image_recall(hist, output.class_index)
+                out["image_precision"] = L.image_precision(hist, output.class_index)
         out["loss"] = total
         return out
 

@@ -49,7 +49,8 @@ def test_rankseg_config_train_eval_predict(ade_root, tmp_path, capsys):
     logs = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in logs if r["type"] == "train"]
     assert train_steps == [1, 2, 3, 4]
-    assert {"loss", "loss_seg", "loss_img", "acc_img", "acc_pix", "lr"} <= set(logs[0])
+    assert {"loss", "loss_seg", "loss_img", "pixel_acc", "pixel_recall", "image_recall", "image_precision",
+            "lr"} <= set(logs[0])
     assert any(r["type"] == "eval" and 0.0 <= r["mIoU"] <= 1.0 for r in logs)
     checkpoints = sorted((work / "checkpoints").glob("*.safetensors"))
     assert len(checkpoints) == 2  # steps 2 and 4

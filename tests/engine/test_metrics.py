@@ -99,4 +99,5 @@ def test_table_and_json():
     res = summarize(hist)
     text = format_table(res, ["sky", "tree", "road"])
     assert "sky" in text and "75.00" in text and "road" in text
+    assert "IoU (%)" in text and "aAcc 75.00 %  mIoU 37.50 %  mAcc 75.00 %" in text
     assert json.loads(json.dumps(json_safe(res)))["IoU"][2] is None

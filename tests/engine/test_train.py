@@ -157,7 +157,9 @@ def test_work_dir_contents_and_refusal(tmp_path):
     assert from_dict(Config, yaml.safe_load((work / "config.yaml").read_text())).train.max_iters == 10
     records = [yaml.safe_load(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
-    assert {"loss", "loss_seg", "loss_img", "lr", "acc_img", "acc_pix", "time", "memory_mb"} <= records[0].keys()
+    metrics = {"pixel_acc", "pixel_recall", "image_recall", "image_precision"}
+    assert {"loss", "loss_seg", "loss_img", "lr", "time_s", "eta_s", "memory_mb"} | metrics <= records[0].keys()
+    assert all(0.0 <= r[k] <= 1.0 for r in records for k in metrics)  # fractions, as docs/metrics.md says
     assert (work / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
     kept = sorted(p.name for p in (work / "checkpoints").iterdir())
     assert kept == ["iter_0000008.safetensors", "iter_0000008.state.pt", "iter_0000010.safetensors",

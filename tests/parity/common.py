@@ -24,6 +24,17 @@ LOSS_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 MAX_DIFF: dict[str, float] = defaultdict(float)
 
+# The reference's names of the logged training metrics -> (segrank's name, factor from segrank's fraction to the
+# reference's unit): mmseg logs acc_seg in percent, the RankSeg fork its three selection metrics as fractions.
+REFERENCE_METRICS = {"acc_seg": ("pixel_acc", 100.0), "acc_pix": ("pixel_recall", 1.0),
+                     "acc_img": ("image_recall", 1.0), "acc_img_accuracy": ("image_precision", 1.0)}
+
+
+def reference_term(losses: dict[str, torch.Tensor], term: str) -> torch.Tensor:
+    """segrank's value of the reference's loss or metric ``term``, in the reference's unit."""
+    name, factor = REFERENCE_METRICS.get(term, (term, 1.0))
+    return losses[name] * factor
+
 
 def folder(name: str) -> Path:
     path = FIXTURES / name

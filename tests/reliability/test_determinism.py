@@ -20,7 +20,7 @@ def run(tmp_path, name: str, seed: int) -> tuple[dict, dict, list]:
                                         data={"workers": 1}))
     result = engine.train(cfg, tmp_path / name, progress=False)
     records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-    losses = [{k: v for k, v in r.items() if k not in ("time", "eta_s", "memory_mb")} for r in records]
+    losses = [{k: v for k, v in r.items() if k not in ("time_s", "eta_s", "memory_mb")} for r in records]
     return load_file(result["checkpoint"]), result["eval"], losses
 
 
