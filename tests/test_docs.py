@@ -47,7 +47,8 @@ def test_every_block_runs_or_says_why():
     """No indented or untagged block, no unknown directive, no skip without a reason, no stale marker."""
     assert len(BLOCKS) > 20 and len(RUNNABLE) > 10, f"found only {len(BLOCKS)} blocks in {len(DOCS)} files"
     problems = [f"{b.where}: {p}" for b in BLOCKS for p in [*b.problems, *marker_problems(b)]]
-    assert not problems, "doc blocks the test cannot classify:\n" + "\n".join(problems)
+    if problems:
+        pytest.fail("doc blocks the test cannot classify:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.lang in ("yaml", "json")], ids=lambda b: b.where)
@@ -55,7 +56,7 @@ def test_data_blocks_parse(block):
     try:
         yaml.safe_load(block.code) if block.lang == "yaml" else json.loads(block.code)
     except (yaml.YAMLError, ValueError) as err:
-        pytest.fail(f"{block.where}: ```{block.lang} block does not parse: {err}")
+        pytest.fail(f"{block.where}: ```{block.lang} block does not parse: {err}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def test_doc_block_runs(block, block_dirs, cache):
                                                          else "")
     if block.kind == "python":
         outcome = run_python(block, REPO / block.file)
-        assert outcome.ok, f"{context} {outcome.detail}"
+        if not outcome.ok:
+            pytest.fail(f"{context} {outcome.detail}", pytrace=False)
         return
     for command in shell_commands(block):
         if any(command.starts_with(prefix) for prefix, _ in block.skip_commands):
@@ -97,7 +99,9 @@ def test_doc_block_runs(block, block_dirs, cache):
         else:
             append = [word for prefix, args in block.append if command.starts_with(prefix) for word in args]
             outcome = run_command(command, append, cwd, home)
-        assert outcome.ok, f"{context}, command at {block.file}:{command.line}:\n  {command.text}\n  {outcome.detail}"
+        if not outcome.ok:
+            pytest.fail(f"{context}, command at {block.file}:{command.line}:\n  {command.text}\n  {outcome.detail}",
+                        pytrace=False)
 
 
 def inventory() -> str:
