@@ -33,7 +33,7 @@ REFERENCE_METRICS = {"acc_seg": ("pixel_acc", 100.0), "acc_pix": ("pixel_recall"
 def reference_term(losses: dict[str, torch.Tensor], term: str) -> torch.Tensor:
     """segrank's value of the reference's loss or metric ``term``, in the reference's unit."""
     name, factor = REFERENCE_METRICS.get(term, (term, 1.0))
-    return losses[name] * factor
+    return losses[name].double() * factor  # in double: the unit change adds no rounding of its own
 
 
 def folder(name: str) -> Path:
