@@ -24,7 +24,7 @@ from tests.docs.runner import parse_command, run_command, run_python, shell_comm
 from tests.docs.setups import SETUPS, Cache
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 BLOCKS = [block for doc in DOCS for block in parse_blocks(doc, REPO, set(SETUPS))]
 RUNNABLE = [b for b in BLOCKS if b.kind in ("shell", "python") and b.skip is None and not b.problems]
 
