@@ -67,7 +67,7 @@ def plot_training_curves(work_dir: str | Path) -> list[Path]:
         _save(fig, work_dir / "loss.png")
         written.append(work_dir / "loss.png")
     for key, kind, title, name in (("lr", "train", "learning rate", "lr.png"),
-                                   ("mIoU", "eval", "val mIoU", "miou.png")):
+                                   ("mIoU", "eval", "val mIoU (fraction)", "miou.png")):
         if _curve({"run": records}, key, kind, title, work_dir / name):
             written.append(work_dir / name)
     return written
@@ -78,7 +78,7 @@ def compare_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
     logs = {label: read_log(path) for label, path in runs.items()}
     written = []
     for key, kind, title, name in (("loss", "train", "training loss (total of each model's terms)", "loss_curves.png"),
-                                   ("mIoU", "eval", "val mIoU", "miou_curves.png")):
+                                   ("mIoU", "eval", "val mIoU (fraction)", "miou_curves.png")):
         if _curve(logs, key, kind, title, out_dir / name):
             written.append(out_dir / name)
     return written
@@ -97,7 +97,7 @@ def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_name
         ax.bar(np.arange(len(shown)) + j * width, np.nan_to_num(table[j, shown]), width, label=label)
     names = [class_names[i] if class_names else str(i) for i in shown]
     ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, names, rotation=90, fontsize=7)
-    ax.set(ylabel="IoU", title=f"per-class IoU ({len(shown)} best classes)")
+    ax.set(ylabel="IoU (fraction)", title=f"per-class IoU ({len(shown)} best classes)")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
