@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segrank.config import ModelConfig, model_config_from
+from segrank.inference_config import InferenceConfig
 from segrank.models import losses as L
 from segrank.models.output import SegOutput
 from segrank.models.rankseg_head import RankSegGTHead, RankSegHead
@@ -33,6 +34,9 @@ class Segmentor(nn.Module):
         self.patch_size = cfg.backbone.patch_size
         self.backbone = VisionTransformer(cfg.backbone, num_classes=cfg.num_classes)
         self.decode_head = build_head(cfg)
+        # Test settings the model's checkpoint carries (set by the checkpoint loaders and by training), so that a
+        # model handed to a Predictor segments as it did where it was trained.
+        self.inference: InferenceConfig | None = None
 
     @property
     def needs_present_classes(self) -> bool:

@@ -292,7 +292,7 @@ def truncated_pth(tmp):
 def non_checkpoint_file(tmp):
     notes = tmp / "notes.pth"
     notes.write_text("these are my notes\n")
-    return ["info", notes], "notes.pth: not a loadable checkpoint"
+    return ["info", notes], "notes.pth: a text file, not a checkpoint (it starts with 'these are my notes')"
 
 
 @case
