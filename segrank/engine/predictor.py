@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,8 @@ class Predictor:
     def iterate(self, inputs: ImageInput | Sequence[ImageInput]) -> Iterator[Prediction]:
         """Predictions one at a time, each image read when its turn comes (for long lists of files). Every named
         file, folder and pattern is checked before the first image is segmented."""
-        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        one = isinstance(inputs, (str, Path, Image.Image, np.ndarray)) or not isinstance(inputs, Iterable)
+        items = [inputs] if one else list(inputs)
         expanded: list[Path | Image.Image | np.ndarray] = []
         for item in items:
             if isinstance(item, (str, Path)):
