@@ -30,8 +30,9 @@ from segrank.engine.predictor import Predictor
 from segrank.errors import SegrankError
 
 MAX_PIXELS = 40_000_000  # an upload decoding to more pixels is refused before it is decoded
-DISPLAY_SIDE = 1600  # the overlay sent back is at most this long a side (the labels are computed at full size)
+DISPLAY_SIDE = 1600  # the pictures sent back are at most this long a side (the labels are computed at full size)
 RANKING_ROWS = 20
+DRAIN_LIMIT = 2**28  # a refused upload up to this size is read to its end (see PredictionHandler.discard)
 
 
 class UploadError(Exception):
@@ -53,7 +54,8 @@ class PredictionServer(ThreadingHTTPServer):
         page = resources.files("segrank").joinpath("resources", "serve.html").read_text()
         self.page = (page.replace("__TITLE__", html.escape(title))
                      .replace("__MODEL__", html.escape(describe(predictor.model)))
-                     .replace("__MAX_MB__", f"{max_upload_bytes / 2**20:g}")).encode()
+                     .replace("__MAX_MB__", f"{max_upload_bytes / 2**20:.3g}")
+                     .replace("__MAX_BYTES__", str(max_upload_bytes))).encode()
 
     @property
     def url(self) -> str:
@@ -64,6 +66,7 @@ class PredictionServer(ThreadingHTTPServer):
 class PredictionHandler(BaseHTTPRequestHandler):
     server: PredictionServer
     protocol_version = "HTTP/1.1"
+    timeout = 60  # seconds a silent connection is kept
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
         if self.path in ("/", "/index.html"):
@@ -94,12 +97,24 @@ class PredictionHandler(BaseHTTPRequestHandler):
             raise UploadError(HTTPStatus.LENGTH_REQUIRED, "the upload needs a Content-Length")
         size, limit = int(length), self.server.max_upload_bytes
         if size > limit:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self.discard(size)
             raise UploadError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"upload of {size / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB")
+                              f"upload of {size / 2**20:.3g} MiB is larger than the limit of {limit / 2**20:.3g} MiB")
         if size == 0:
             raise UploadError(HTTPStatus.BAD_REQUEST, "empty upload: send an image file")
         return self.rfile.read(size)
+
+    def discard(self, size: int) -> None:
+        """Read and drop a refused body, so that the client, still sending, receives the answer rather than a reset
+        connection; a body too large even for that is left unread and the connection closed."""
+        if size > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        while size > 0:
+            chunk = self.rfile.read(min(size, 2**16))
+            if not chunk:
+                break
+            size -= len(chunk)
 
     def segment(self, body: bytes, name: str | None) -> tuple[Prediction, float]:
         try:
@@ -138,19 +153,26 @@ class PredictionHandler(BaseHTTPRequestHandler):
 
 
 def result_json(prediction: Prediction, seconds: float) -> dict[str, Any]:
-    """What the page shows: the overlay (a data URL), the legend and the top of the RankSeg ranking."""
-    overlay = prediction.overlay()
-    overlay.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-    buffer = io.BytesIO()
-    overlay.save(buffer, format="PNG")
+    """What the page shows: the image and its colour map (data URLs the page lays over each other), the legend and
+    the top of the RankSeg ranking."""
     height, width = prediction.label.shape
+    scale = min(1.0, DISPLAY_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    photo = Image.fromarray(prediction.image).resize(size, Image.Resampling.BILINEAR)
+    color = prediction.colorize().resize(size, Image.Resampling.NEAREST)  # class borders stay sharp
     return {
         "name": prediction.source, "width": width, "height": height, "seconds": round(seconds, 3),
-        "overlay": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+        "image": data_url(photo, "JPEG"), "color": data_url(color, "PNG"),
         "legend": prediction.legend(),
         "ranking": None if prediction.ranking is None else prediction.ranking[:RANKING_ROWS],
         "topk": prediction.topk,
     }
+
+
+def data_url(image: Image.Image, format: str) -> str:  # noqa: A002 - Pillow's name for it
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **({"quality": 90} if format == "JPEG" else {}))
+    return f"data:image/{format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def serve(predictor: Predictor, host: str, port: int, max_upload_mb: float, title: str) -> None:
