@@ -24,6 +24,7 @@ from segrank.benchmarks.measure import machine_info
 from segrank.benchmarks.train_step import bench_train_step
 from segrank.checkpoints import describe, load_model, resolve_checkpoint, save_model, save_pretrained
 from segrank.config import load_config, to_dict
+from segrank.config.inference import InferenceConfig
 from segrank.data import DATASETS, build_dataset, dataset_info
 from segrank.data.check import check_dataset, format_report
 from segrank.data.convert import prepare
@@ -36,7 +37,6 @@ from segrank.engine.runtime import setup_distributed
 from segrank.engine.serve import serve
 from segrank.engine.train import train
 from segrank.errors import CheckpointError, SegrankError
-from segrank.inference_config import InferenceConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "segrank"
 # Lower layers never import higher ones: cli -> commands -> benchmarks -> engine -> checkpoints -> models/data ->
 # files/config/errors.
 LAYERS = {
-    "segrank.errors": 0, "segrank.files": 1, "segrank.config": 1, "segrank.inference_config": 1,
+    "segrank.errors": 0, "segrank.files": 1, "segrank.config": 1,
     "segrank.models": 2, "segrank.data": 2,
     "segrank.checkpoints": 3,
     "segrank.engine": 4,

@@ -16,8 +16,8 @@ from torch import Tensor
 from segrank import files
 from segrank.checkpoints.detect import NATIVE_KEY
 from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
+from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
-from segrank.inference_config import InferenceConfig
 from segrank.models.segmentor import Segmentor
 
 INFERENCE_KEY = "segrank_inference"

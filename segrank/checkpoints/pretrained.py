@@ -14,8 +14,8 @@ from segrank import files
 from segrank.checkpoints.detect import PRETRAINED_FILES
 from segrank.checkpoints.native import save_model
 from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
+from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
-from segrank.inference_config import InferenceConfig
 from segrank.models.segmentor import Segmentor
 
 CONFIG_FILE, WEIGHTS_FILE = PRETRAINED_FILES

@@ -13,9 +13,9 @@ from torch import Tensor
 
 from segrank import files
 from segrank.config import ConfigError, EvalConfig, ModelConfig, from_dict
+from segrank.config.inference import InferenceConfig
 from segrank.data.info import dataset_info
 from segrank.errors import CheckpointError
-from segrank.inference_config import InferenceConfig
 from segrank.models.segmentor import Segmentor
 
 # segm/data/utils.py STATS (0-1 scale); segm/data/base.py scales them by 255 and rounds to 2 decimals.

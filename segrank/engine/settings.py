@@ -9,16 +9,15 @@ in, and finally defaults, which are listed in ``notes`` so that a guess is never
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from segrank.config import Config, EvalConfig, load_config
+from segrank.config.inference import InferenceConfig
 from segrank.data.info import NORMALIZATIONS, DatasetInfo, dataset_info, generated_palette
-from segrank.errors import SegrankError
-from segrank.inference_config import InferenceConfig
+from segrank.errors import ConfigError, SegrankError
 from segrank.models.segmentor import Segmentor
 
 DEFAULT_NORMALIZATION = "half"
@@ -63,29 +62,19 @@ def run_config_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def check_overrides(mean: list[float] | None, std: list[float] | None, img_scale: list[int] | None,
-                    mode: str | None, batch_size: int | None) -> None:
-    for name, values in (("mean", mean), ("std", std)):
-        if values is not None and (len(values) != 3 or not all(math.isfinite(v) for v in values)):
-            raise SegrankError(f"{name}: needs 3 finite numbers (R, G, B on the 0-255 scale), got {list(values)}")
-    if std is not None and min(std) <= 0:
-        raise SegrankError(f"std: must be > 0 (the input is divided by it), got {list(std)}")
-    if img_scale is not None and (len(img_scale) != 2 or min(img_scale) < 1):
-        raise SegrankError(f"img_scale: needs 2 positive sides (long, short), got {list(img_scale)}")
-    if mode not in (None, "whole", "slide"):
-        raise SegrankError(f"mode: {mode!r} is not one of 'whole', 'slide'")
-    if batch_size is not None and batch_size < 1:
-        raise SegrankError(f"batch_size: must be >= 1, got {batch_size}")
-
-
 def resolve_settings(model: Segmentor, checkpoint: Path | None = None, config: str | Path | None = None,
                      mean: list[float] | None = None, std: list[float] | None = None,
                      img_scale: list[int] | None = None, mode: str | None = None,
                      batch_size: int | None = None) -> TestSettings:
-    """The settings to segment with ``model`` (``checkpoint``: the file it was loaded from, if any)."""
-    check_overrides(mean, std, img_scale, mode, batch_size)
-    given = InferenceConfig(mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std),
-                            img_scale=None if img_scale is None else tuple(img_scale))
+    """The settings to segment with ``model`` (``checkpoint``: the file it was loaded from, if any). Values given
+    are checked against the bounds of their config fields; the error names the argument (``std: must be > 0``)."""
+    if mode not in (None, "whole", "slide"):
+        raise SegrankError(f"mode: {mode!r} is not one of 'whole', 'slide'")
+    try:
+        given = InferenceConfig(mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std),
+                                img_scale=None if img_scale is None else tuple(img_scale))
+    except ConfigError as err:
+        raise SegrankError(str(err).removeprefix(f"{InferenceConfig.key}.")) from None
     sources, names = [given], [model.cfg.class_names]
     if config is not None:
         settings, config_names = config_file_settings(Path(config))
@@ -120,7 +109,10 @@ def resolve_settings(model: Segmentor, checkpoint: Path | None = None, config: s
     palette = found["palette"]
     if palette is None or len(palette) < n:
         palette = generated_palette(n)
-    test = dataclasses.replace(found["eval"], **({"mode": mode} if mode is not None else {}),
-                               **({"batch_size": batch_size} if batch_size is not None else {}))
+    try:
+        test = dataclasses.replace(found["eval"], **({"mode": mode} if mode is not None else {}),
+                                   **({"batch_size": batch_size} if batch_size is not None else {}))
+    except ConfigError as err:
+        raise SegrankError(str(err).removeprefix(f"{EvalConfig.key}.")) from None
     return TestSettings(tuple(found["mean"]), tuple(found["std"]), tuple(found["img_scale"]), test, class_names,
                         np.asarray(palette, dtype=np.uint8)[:n], notes)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segrank.config import ModelConfig, model_config_from
-from segrank.inference_config import InferenceConfig
+from segrank.config.inference import InferenceConfig
 from segrank.models import losses as L
 from segrank.models.output import SegOutput
 from segrank.models.rankseg_head import RankSegGTHead, RankSegHead

@@ -105,7 +105,7 @@ def test_defaults_are_announced_once_and_bad_options_refused(photo):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         predictor([photo, photo])  # no further announcement per image
-    for kwargs, message in [({"amp": "fp8"}, "amp"), ({"std": [0, 1, 1]}, "std: must be > 0"),
+    for kwargs, message in [({"amp": "fp8"}, "amp"), ({"std": [0, 1, 1]}, "std: every value must be > 0"),
                             ({"img_scale": [0, 10]}, "img_scale"), ({"mode": "tiles"}, "mode"),
                             ({"batch_size": 0}, "batch_size")]:
         with pytest.raises(SegrankError, match=message):

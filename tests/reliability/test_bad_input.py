@@ -321,14 +321,14 @@ def photo_given_as_checkpoint(tmp):
 def predict_std_zero(tmp):
     _, ckpt, root = eval_setup(tmp)
     return ["predict", ckpt, root / "images", "--out", tmp / "pred", "--std", "0", "0", "0", "--no-progress"], \
-        "std: must be > 0 (the input is divided by it), got [0.0, 0.0, 0.0]"
+        "std: every value must be > 0, got [0.0, 0.0, 0.0]"
 
 
 @case
 def predict_img_scale_zero(tmp):
     _, ckpt, root = eval_setup(tmp)
     return ["predict", ckpt, root / "images", "--out", tmp / "pred", "--img-scale", "0", "0", "--no-progress"], \
-        "img_scale: needs 2 positive sides (long, short), got [0, 0]"
+        "img_scale: every value must be >= 1, got [0, 0]"
 
 
 @case
