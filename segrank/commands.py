@@ -73,8 +73,9 @@ def info(args: argparse.Namespace) -> int:
     inference = model.inference or InferenceConfig()
     stored = {k: v for k, v in to_dict(inference).items() if v is not None and k != "palette"}
     print(yaml.safe_dump({"test_settings": stored}, sort_keys=False, default_flow_style=None).rstrip())
-    if inference.missing():
-        print(f"not stored: {', '.join(inference.missing())} (prediction announces the defaults it uses)")
+    unknown = [k for k in inference.missing() if k != "palette"]  # without one, a palette is generated
+    if unknown:
+        print(f"not stored: {', '.join(unknown)} (prediction announces the defaults it uses)")
     return 0
 
 

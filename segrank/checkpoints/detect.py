@@ -25,6 +25,7 @@ LATEST = "latest"  # a run's checkpoint folder: the pointer file naming its newe
 PRETRAINED_FILES = ("config.json", "model.safetensors")
 NATIVE_KEY = "segrank_config"  # safetensors metadata of segrank's native format: the ModelConfig as YAML
 TRAINING_STATE_KEYS = {"step", "seed", "optimizer", "scaler"}
+VIT_NAMES = ("patch_embed", "pos_embed", "cls_token")  # in every ViT backbone's parameter names (timm, ours)
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 # (first bytes, what the file is) of files people hand over by mistake.
@@ -69,16 +70,27 @@ def detect_format(path: Path) -> str:
         return "pretrained" if (path / PRETRAINED_FILES[0]).is_file() else "segmenter"
     if path.name == "variant.yml":
         return "segmenter"
-    kind, metadata = file_kind(path)
+    kind, header = file_kind(path)
     if kind == "npz":
         return "npz"
     if kind == "safetensors":
-        return "native" if NATIVE_KEY in metadata else "timm"
+        if NATIVE_KEY in (header.get("__metadata__") or {}):
+            return "native"
+        return backbone_format([k for k in header if k != "__metadata__"], path, "a .safetensors file")
     return torch_format(files.read_torch(path), path)
 
 
-def file_kind(path: Path) -> tuple[str, dict[str, str]]:
-    """("safetensors" | "torch" | "npz", safetensors metadata) from the first bytes of ``path``."""
+def backbone_format(names: list[str], path: Path, what: str) -> str:
+    """``timm`` for tensors named as a ViT backbone's; anything else is refused, saying what it is."""
+    if any(part in name for name in names for part in VIT_NAMES):
+        return "timm"
+    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+    raise CheckpointError(f"{path}: {what} of tensors ({shown}) that are neither a segrank model nor ViT backbone "
+                          "weights")
+
+
+def file_kind(path: Path) -> tuple[str, dict[str, Any]]:
+    """("safetensors" | "torch" | "npz", the safetensors JSON header) from the first bytes of ``path``."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -92,7 +104,7 @@ def file_kind(path: Path) -> tuple[str, dict[str, str]]:
         if length > size - 8:
             raise CheckpointError(f"{path}: truncated .safetensors file (its header needs {length + 8} bytes, the "
                                   f"file has {size})")
-        return "safetensors", _safetensors_metadata(path, length)
+        return "safetensors", _safetensors_header(path, length)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _zip_kind(path), {}
     if head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle: PyTorch's legacy format, or pickle.dump
@@ -123,15 +135,16 @@ def _text_start(head: bytes) -> str | None:
     return lines[0][:60] if lines else None
 
 
-def _safetensors_metadata(path: Path, length: int) -> dict[str, str]:
+def _safetensors_header(path: Path, length: int) -> dict[str, Any]:
     with open(path, "rb") as f:
         f.seek(8)
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: damaged .safetensors file (its header is not JSON)") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
+            header = None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{path}: damaged .safetensors file (its header is not the expected JSON)")
+    return header
 
 
 def _zip_kind(path: Path) -> str:
@@ -167,5 +180,5 @@ def torch_format(obj: Any, path: Path) -> str:
         return "segmenter"
     weights = obj.get("model") if isinstance(obj.get("model"), dict) else obj
     if weights and all(isinstance(v, Tensor) for v in weights.values()):
-        return "timm"
+        return backbone_format([str(k) for k in weights], path, "a PyTorch file")
     raise CheckpointError(f"{path}: a mapping with keys {', '.join(map(str, list(obj)[:5]))}, not model weights")

@@ -296,3 +296,12 @@ def test_each_wrong_kind_of_file_gets_its_own_message(kind, tmp_path, capsys):
     assert "run code" not in str(err.value) and "timm" not in str(err.value)
     assert main(["info", str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_tensors_that_are_no_model_are_not_called_backbone_weights(tmp_path, capsys):
+    save_file({"in.64x96": torch.zeros(1, 3, 4, 4), "out.logits": torch.zeros(2)}, tmp_path / "io.safetensors")
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    for name, what in (("io.safetensors", "a .safetensors file"), ("other.pth", "a PyTorch file")):
+        assert main(["info", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: {what} of tensors (" in err and "neither a segrank model nor ViT backbone weights" in err
