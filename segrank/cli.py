@@ -71,7 +71,8 @@ def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
                    help="layout of SRC (default: detect)")
     p.add_argument("src", help="checkpoint: a file, a save_pretrained folder, a training run's work dir (its latest "
                                "checkpoint) or an official Segmenter run folder")
-    p.add_argument("--config", help="YAML config giving the architecture (needed for npz/timm)")
+    p.add_argument("--config", help="YAML config giving the architecture (needed for npz/timm) and, when it has a "
+                                    "data section, the test settings and class names the checkpoint will carry")
     p.add_argument("--out", required=True, help="destination: a .safetensors file, or a folder for the Hugging Face "
                                                 "layout (config.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

@@ -35,6 +35,7 @@ from segrank.engine.metrics import format_table
 from segrank.engine.predictor import Predictor
 from segrank.engine.runtime import setup_distributed
 from segrank.engine.serve import serve
+from segrank.engine.settings import adopt_config_settings
 from segrank.engine.train import train
 from segrank.errors import CheckpointError, SegrankError
 
@@ -50,6 +51,8 @@ def convert(args: argparse.Namespace) -> int:
     if folder and out.is_file():
         raise CheckpointError(f"{out}: is a file; --out is a .safetensors file or a folder")
     model = load_model(args.src, format=args.format, config=args.config)
+    if args.config is not None and adopt_config_settings(model, Path(args.config)):
+        print(f"segrank convert: test settings and class names from {args.config}")
     if folder:
         save_pretrained(model, out)
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segrank.config import Config, EvalConfig, load_config
+from segrank.config import Config, EvalConfig, load_config, load_yaml
 from segrank.config.inference import InferenceConfig
 from segrank.data.info import NORMALIZATIONS, DatasetInfo, dataset_info, generated_palette
 from segrank.errors import ConfigError, SegrankError
@@ -52,6 +52,20 @@ def config_file_settings(path: Path) -> tuple[InferenceConfig, list[str] | None]
         mean, std = NORMALIZATIONS[cfg.data.normalization] if cfg.data.normalization else (None, None)
         return InferenceConfig(mean=mean, std=std, img_scale=tuple(cfg.data.img_scale), eval=cfg.eval), None
     return run_inference_config(cfg, info), list(info.classes)
+
+
+def adopt_config_settings(model: Segmentor, path: Path) -> bool:
+    """Give ``model`` the test settings and class names of a config file with a ``data`` section (they win over the
+    ones it carries), so that a converted checkpoint carries them; False (nothing done) for a config that has only a
+    model section."""
+    if "data" not in load_yaml(path):
+        return False
+    settings, names = config_file_settings(path)
+    given = {name: value for name, value in vars(settings).items() if value is not None}
+    model.inference = dataclasses.replace(model.inference or InferenceConfig(), **given)
+    if names is not None and len(names) == model.num_classes:
+        model.cfg = dataclasses.replace(model.cfg, class_names=names)
+    return True
 
 
 def run_config_of(checkpoint: Path) -> Path | None:

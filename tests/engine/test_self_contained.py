@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 import segrank
 from segrank import files
+from segrank.checkpoints import export_checkpoint
 from segrank.cli import main
 from segrank.data import dataset_info
+from segrank.data.info import IMAGENET_MEAN
 from tests.reliability.common import folder_config, folder_dataset, run_cli, tiny_config, voc_photo, write_config
 
 # Test settings unlike the defaults an unknown checkpoint gets (mean/std 127.5, scale (2048, 512), the training crop
@@ -108,3 +110,21 @@ def test_folder_dataset_run_predicts_after_the_dataset_moved(tmp_path, capsys):
     assert '"name": "c0"' in ranking  # the class names of classes.yaml, from the checkpoint
     code, _, err = run_cli(["info", run], capsys)
     assert code == 0, err
+
+
+def test_convert_with_a_config_makes_a_backbone_self_contained(tmp_path, capsys):
+    cfg = tiny_config(data={"normalization": "imagenet", "img_scale": [48, 40]}, eval={"mode": "whole"})
+    model = segrank.build_model(cfg["model"])
+    npz = export_checkpoint(model, tmp_path / "backbone.npz", "npz")
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    code, out, err = run_cli(["convert", "--from", "npz", npz, "--config", config, "--out", tmp_path / "m"], capsys)
+    assert code == 0 and "test settings and class names from" in out, err
+    loaded = segrank.load_model(tmp_path / "m")  # a save_pretrained folder: --out without .safetensors
+    assert (loaded.inference.mean, loaded.inference.img_scale) == (IMAGENET_MEAN, (48, 40))
+    assert loaded.inference.eval.mode == "whole"
+    assert loaded.cfg.class_names == dataset_info("synthetic", {"num_classes": 6}).classes
+    model_only = write_config(tmp_path / "model.yaml", {"model": cfg["model"]})
+    code, out, err = run_cli(["convert", "--from", "npz", npz, "--config", model_only, "--out",
+                              tmp_path / "bare.safetensors"], capsys)
+    assert code == 0 and "records no mean, std, img_scale, eval" in out  # announced, and nothing invented
+    assert segrank.load_model(tmp_path / "bare.safetensors").inference is None
