@@ -50,9 +50,8 @@ def _set_option(parser: argparse.ArgumentParser, example: str) -> None:
                         help=f"override a config value, e.g. --set {example} (repeatable)")
 
 
-def _test_settings_options(parser: argparse.ArgumentParser) -> None:
+def _test_settings_options(p: argparse.ArgumentParser) -> None:
     """predict and serve: the test settings a checkpoint carries, overridden."""
-    p = parser
     p.add_argument("--config", help="YAML config giving normalisation, test scale and windows (default: those stored "
                                     "in the checkpoint)")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")

@@ -92,10 +92,10 @@ class Predictor:
         """One image (a file path, PIL image or array) gives a Prediction; a folder, a glob pattern or a list gives
         a list of them, in order."""
         predictions = list(self.iterate(inputs))
-        return predictions[0] if self.is_single(inputs) else predictions
+        return predictions[0] if self._is_single(inputs) else predictions
 
     @staticmethod
-    def is_single(inputs: ImageInput | Sequence[ImageInput]) -> bool:
+    def _is_single(inputs: ImageInput | Sequence[ImageInput]) -> bool:
         return isinstance(inputs, (Image.Image, np.ndarray)) or (isinstance(inputs, (str, Path))
                                                                   and Path(inputs).is_file())
 

@@ -108,8 +108,13 @@ def test_folder_dataset_run_predicts_after_the_dataset_moved(tmp_path, capsys):
     assert after == before and "no setting stored" not in stdout
     ranking = (tmp_path / "after" / "street.json").read_text()
     assert '"name": "c0"' in ranking  # the class names of classes.yaml, from the checkpoint
-    code, _, err = run_cli(["info", run], capsys)
-    assert code == 0, err
+    root = (tmp_path / "moved_data").rename(root)  # back, for an evaluation of the run's latest checkpoint
+    for source in (run, segrank.save_pretrained(segrank.load_model(run), tmp_path / "hf")):
+        code, out, err = run_cli(["eval", tmp_path / "train.yaml", source, "--out", tmp_path / "eval.json",
+                                  "--no-progress"], capsys)
+        assert code == 0 and "mIoU" in out, err
+    code, _, err = run_cli(["eval", tmp_path / "train.yaml", run, "--no-progress"], capsys)
+    assert code == 0 and (run / "checkpoints" / "iter_0000002.eval.json").is_file(), err
 
 
 def test_convert_with_a_config_makes_a_backbone_self_contained(tmp_path, capsys):
