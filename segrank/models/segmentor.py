@@ -48,6 +48,9 @@ class Segmentor(nn.Module):
 
         present: (B, num_classes) bool, the classes in each image's label (GT-oracle models only).
         """
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise TypeError(f"Segmentor takes a normalised (B, 3, H, W) tensor, got {describe_input(images)}; "
+                            "segrank.Predictor segments image files, PIL images and arrays")
         features = self.backbone(images)
         if self.needs_present_classes:
             return self.decode_head(features.feature_map, features.class_tokens, present)
@@ -141,6 +144,11 @@ class Segmentor(nn.Module):
                 out["acc_img_accuracy"] = L.image_precision(hist, output.class_index)
         out["loss"] = total
         return out
+
+
+def describe_input(value: object) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def build_model(config: ModelConfig | dict | str) -> Segmentor:

@@ -115,6 +115,11 @@ def test_defaults_are_announced_once_and_bad_options_refused(photo):
     with pytest.raises(SegrankError, match="expected H x W"):
         segrank.Predictor(tiny())(np.zeros((4, 5, 2), np.uint8))
     assert segrank.Predictor(tiny(), amp="bf16")(photo).label.shape == photo.shape[:2]
+    with pytest.raises(SegrankError, match="a GT-oracle model needs label maps"):
+        segrank.Predictor(tiny("rankseg_gt"))
+    for image in (Image.fromarray(photo), photo):  # the bare model says where images go
+        with pytest.raises(TypeError, match=r"takes a normalised \(B, 3, H, W\) tensor, got .*segrank.Predictor"):
+            tiny().class_map(image)
 
 
 def exif_rotated(path, rgb):
