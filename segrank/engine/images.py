@@ -72,7 +72,7 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
     finite = np.isfinite(values)
     values[~finite] = 0.0
     low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
-    if a.dtype == np.uint16:
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # uint16 of either byte order (Pillow's I;16B is big-endian)
         values = values / 257.0
     elif np.issubdtype(a.dtype, np.floating) and low >= 0 and high <= 1:
         values = values * 255.0

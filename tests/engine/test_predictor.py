@@ -13,7 +13,7 @@ from PIL import Image
 
 import segrank
 from segrank.config import EvalConfig, ModelConfig, from_dict
-from segrank.engine.images import read_image
+from segrank.engine.images import array_to_rgb, read_image
 from segrank.errors import SegrankError
 from tests.reliability.common import run_cli, voc_photo
 
@@ -138,6 +138,7 @@ def test_images_read_as_a_viewer_shows_them(tmp_path, photo):
     grey = read_image(tmp_path / "grey16.png")
     assert grey.shape == (40, 50, 3) and grey[0, 0, 0] == 0 and grey[-1, -1, 0] == 255
     assert np.abs(grey[..., 0].astype(int) - np.rint(ramp / 257)).max() <= 1  # scaled, not clipped to white
+    assert np.array_equal(array_to_rgb(ramp.astype(">u2")), grey) and np.array_equal(array_to_rgb(ramp), grey)
 
     floats = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
     Image.fromarray(floats, mode="F").save(tmp_path / "float.tif")
