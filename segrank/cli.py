@@ -25,6 +25,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
@@ -37,13 +51,30 @@ def _set_option(parser: argparse.ArgumentParser, example: str) -> None:
                         help=f"override a config value, e.g. --set {example} (repeatable)")
 
 
+def _test_settings_options(p: argparse.ArgumentParser) -> None:
+    """predict and serve: the test settings a checkpoint carries, overridden."""
+    p.add_argument("--config", help="YAML config giving normalisation, test scale and windows (default: those stored "
+                                    "in the checkpoint)")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--slide", dest="mode", action="store_const", const="slide", help="sliding-window inference")
+    mode.add_argument("--whole", dest="mode", action="store_const", const="whole", help="whole-image inference")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0-255)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0-255)")
+    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio test scale")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+
+
 def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a reference checkpoint to segrank's .safetensors")
     p.add_argument("--from", dest="format", choices=["auto", *FORMATS[1:]], default="auto",
                    help="layout of SRC (default: detect)")
-    p.add_argument("src", help="checkpoint file (official Segmenter: checkpoint.pth or its folder)")
-    p.add_argument("--config", help="YAML config giving the architecture (needed for npz/timm)")
-    p.add_argument("--out", required=True, help="destination .safetensors")
+    p.add_argument("src", help="checkpoint: a file, a save_pretrained folder, a training run's work dir (its latest "
+                               "checkpoint) or an official Segmenter run folder")
+    p.add_argument("--config", help="YAML config giving the architecture (needed for npz/timm) and, when it has a "
+                                    "data section, the test settings and class names the checkpoint will carry")
+    p.add_argument("--out", required=True, help="destination: a .safetensors file, or a folder for the Hugging Face "
+                                                "layout (config.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=commands.convert)
 
@@ -93,22 +124,22 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="segment image files: label, colour and overlay PNGs (+ RankSeg class "
                                        "ranking JSON)")
-    p.add_argument("checkpoint", help="model checkpoint")
+    p.add_argument("checkpoint", help="model checkpoint (file, save_pretrained folder or training run's work dir)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="YAML config giving normalisation, test scale and windows (default: the "
-                                    "training run's config.yaml beside the checkpoint, if any)")
-    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--slide", dest="mode", action="store_const", const="slide", help="sliding-window inference")
-    mode.add_argument("--whole", dest="mode", action="store_const", const="whole", help="whole-image inference")
-    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0-255)")
-    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0-255)")
-    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio test scale")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    _test_settings_options(p)
     p.add_argument("--batch-size", type=positive_int, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true", help="no per-image progress lines")
     p.set_defaults(func=commands.predict, mode=None)
+
+    p = sub.add_parser("serve", help="a local web page: drop an image, see its segmentation, legend and (RankSeg) "
+                                     "class ranking")
+    p.add_argument("checkpoint", help="model checkpoint (file, save_pretrained folder or training run's work dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest upload accepted (default: 20)")
+    _test_settings_options(p)
+    p.set_defaults(func=commands.serve_command, mode=None)
 
 
 def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
@@ -219,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_checkpoint_commands(sub)  # convert, info
-    add_run_commands(sub)  # train, demo, eval, predict
+    add_run_commands(sub)  # train, demo, eval, predict, serve
     add_dataset_commands(sub)  # datasets list | check | prepare
     add_config_commands(sub)  # config show
     add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | data

@@ -22,16 +22,20 @@ from segrank.benchmarks.eval_memory import bench_eval_memory
 from segrank.benchmarks.forward import bench_forward
 from segrank.benchmarks.measure import machine_info
 from segrank.benchmarks.train_step import bench_train_step
-from segrank.checkpoints import describe, load_model, save_model
+from segrank.checkpoints import describe, load_model, resolve_checkpoint, save_model, save_pretrained
 from segrank.config import load_config, to_dict
+from segrank.config.inference import InferenceConfig
 from segrank.data import DATASETS, build_dataset, dataset_info
 from segrank.data.check import check_dataset, format_report
 from segrank.data.convert import prepare
 from segrank.engine.demo import run_demo
 from segrank.engine.evaluate import evaluate
+from segrank.engine.images import check_distinct_names, collect_inputs
 from segrank.engine.metrics import format_table
-from segrank.engine.predict import collect_inputs, predict_files, resolve_settings
+from segrank.engine.predictor import Predictor
 from segrank.engine.runtime import setup_distributed
+from segrank.engine.serve import serve
+from segrank.engine.settings import adopt_config_settings
 from segrank.engine.train import train
 from segrank.errors import CheckpointError, SegrankError
 
@@ -41,13 +45,23 @@ from segrank.errors import CheckpointError, SegrankError
 
 def convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise CheckpointError(f"{out}: --out must end with .safetensors")
-    if out.exists() and not args.force:
+    folder = out.suffix != ".safetensors"  # anything else is a save_pretrained folder
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists (use --force to overwrite)")
+    if folder and out.is_file():
+        raise CheckpointError(f"{out}: is a file; --out is a .safetensors file or a folder")
     model = load_model(args.src, format=args.format, config=args.config)
-    save_model(model, out)
+    if args.config is not None and adopt_config_settings(model, Path(args.config)):
+        print(f"segrank convert: test settings and class names from {args.config}")
+    if folder:
+        save_pretrained(model, out)
+    else:
+        save_model(model, out)
     print(f"wrote {out}: {describe(model)}")
+    unknown = [k for k in (model.inference or InferenceConfig()).missing() if k != "palette"]
+    if unknown:
+        print(f"segrank convert: {args.src} records no {', '.join(unknown)}; predict will announce the defaults it "
+              "uses for them")
     return 0
 
 
@@ -63,6 +77,12 @@ def info(args: argparse.Namespace) -> int:
     # The names were printed above; the architecture follows as a config's model section.
     architecture = {key: value for key, value in to_dict(cfg).items() if key != "class_names"}
     print(yaml.safe_dump({"model": architecture}, sort_keys=False).rstrip())
+    inference = model.inference or InferenceConfig()
+    stored = {k: v for k, v in to_dict(inference).items() if v is not None and k != "palette"}
+    print(yaml.safe_dump({"test_settings": stored}, sort_keys=False, default_flow_style=None).rstrip())
+    unknown = [k for k in inference.missing() if k != "palette"]  # without one, a palette is generated
+    if unknown:
+        print(f"not stored: {', '.join(unknown)} (prediction announces the defaults it uses)")
     return 0
 
 
@@ -99,7 +119,7 @@ def eval_command(args: argparse.Namespace) -> int:
                            f"{cfg.data.dataset!r} has {info.num_classes}")
     if args.oracle and not model.needs_present_classes:
         raise SegrankError(f"--oracle: {args.checkpoint} is not a GT-oracle model (head type rankseg_gt)")
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
+    out = Path(args.out) if args.out else resolve_checkpoint(Path(args.checkpoint)).with_suffix(".eval.json")
     if out.is_dir():
         raise SegrankError(f"--out {out}: is a folder, expected a file name")
     env = setup_distributed(args.device)  # torchrun: each process evaluates a share of the images
@@ -122,28 +142,42 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def announce_defaults(command: str, predictor: Predictor) -> None:
+    for note in predictor.settings.notes:
+        print(f"segrank {command}: no setting stored with the checkpoint, using {note}")
+    if predictor.settings.notes:
+        print(f"segrank {command}: --config, --mean/--std, --img-scale and --whole/--slide override them")
+
+
 def predict(args: argparse.Namespace) -> int:
     paths = collect_inputs(args.inputs)
+    check_distinct_names(paths)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SegrankError(f"--out {out}: exists and is not a folder")
-    checkpoint = Path(args.checkpoint)
-    model = load_model(checkpoint)
-    if model.needs_present_classes:
-        raise SegrankError(f"{checkpoint}: a GT-oracle model needs label maps; use segrank eval --oracle")
-    settings = resolve_settings(model, checkpoint, args.config, args.mean, args.std, args.img_scale)
-    if args.mode is not None:
-        settings.eval = dataclasses.replace(settings.eval, mode=args.mode)
-    if args.batch_size is not None:
-        settings.eval = dataclasses.replace(settings.eval, batch_size=args.batch_size)
-    for note in settings.notes:
-        print(f"segrank predict: no setting stored with the checkpoint, using {note}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SegrankError("--device cuda: no CUDA device available")
-    written = predict_files(model, paths, out, settings, ms_flip=args.ms_flip, device=device,
-                            progress=not args.no_progress)
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", ms_flip=args.ms_flip,
+                          batch_size=args.batch_size or 1, config=args.config, mean=args.mean, std=args.std,
+                          img_scale=args.img_scale, mode=args.mode, warn=False)
+    announce_defaults("predict", predictor)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SegrankError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+    written = []
+    for i, prediction in enumerate(predictor.iterate(paths)):
+        written += prediction.save(out)
+        if not args.no_progress:
+            print(f"[{i + 1}/{len(paths)}] {prediction.source} -> {out / prediction.name}.png", file=sys.stderr,
+                  flush=True)
     print(f"segrank predict: {len(paths)} images, {len(written)} files written to {out}")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    predictor = Predictor(args.checkpoint, device=args.device or "auto", ms_flip=args.ms_flip, config=args.config,
+                          mean=args.mean, std=args.std, img_scale=args.img_scale, mode=args.mode, warn=False)
+    announce_defaults("serve", predictor)
+    serve(predictor, args.host, args.port, args.max_upload_mb, title=Path(args.checkpoint).resolve().name)
     return 0
 
 

@@ -89,7 +89,9 @@ def read_yaml(path: Path, error: type[SegrankError] = SegrankError) -> Any:
 def read_torch(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with one clear error for a missing, damaged or code-carrying file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load picks a reader by the file name (".safetensors"), not the content.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means: not a safe checkpoint

@@ -1,11 +1,14 @@
-"""Checkpoints: segrank's native format, and the reference layouts read and written through one ``load_model``.
+"""Checkpoints: segrank's native format, the Hugging Face folder layout, and the reference layouts, read and written
+through one ``load_model``.
 
-Native: ``.safetensors`` weights whose metadata holds the ModelConfig as YAML, so the file alone rebuilds the model.
-Foreign layouts (``format``), one module each:
+Native (native.py): ``.safetensors`` weights whose metadata holds the ModelConfig and the InferenceConfig, so the file
+alone rebuilds the model and predicts as it did where it was trained. ``pretrained`` (pretrained.py): a folder with
+``config.json`` + ``model.safetensors`` (``save_pretrained``). Foreign layouts (``format``), one module each:
 - ``mmseg`` (mmseg.py): RankSeg fork / mmseg 0.17 ``.pth``; architecture from ``meta.config``, parsed, never run.
 - ``segmenter`` (segmenter.py): the official Segmenter ``checkpoint.pth`` with its ``variant.yml`` beside it.
 - ``npz`` / ``timm`` (vit_weights.py): ViT backbone weights; the head is freshly initialised from ``config``.
-Pickled files are always read with ``torch.load(weights_only=True)``: a checkpoint can never run code.
+A path may also be a folder that stands for a checkpoint (detect.py), and the layout is judged by content, never by
+the file name. Pickled files are always read with ``torch.load(weights_only=True)``: a checkpoint can never run code.
 """
 
 from __future__ import annotations
@@ -14,100 +17,63 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from segrank import files
+from segrank.checkpoints.detect import detect_format, resolve_checkpoint
 from segrank.checkpoints.mmseg import load_mmseg, mmseg_checkpoint
+from segrank.checkpoints.native import load_native, save_model, weights
+from segrank.checkpoints.pretrained import from_pretrained, save_pretrained
 from segrank.checkpoints.segmenter import load_segmenter, segmenter_checkpoint
 from segrank.checkpoints.vit_weights import load_backbone_checkpoint, state_dict_to_npz
-from segrank.config import ConfigError, ModelConfig, from_dict, model_config_from, to_dict
+from segrank.config import ModelConfig, model_config_from
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
 
-FORMATS = ("native", "mmseg", "segmenter", "npz", "timm")
-NATIVE_KEY = "segrank_config"
+FORMATS = ("native", "mmseg", "segmenter", "npz", "timm", "pretrained")
 
-__all__ = ["FORMATS", "CheckpointError", "describe", "detect_format", "export_checkpoint", "load_model",
-           "save_model"]
-
-
-def detect_format(path: Path) -> str:
-    if path.is_dir() or path.name == "variant.yml" or (path.parent / "variant.yml").is_file():
-        return "segmenter"
-    if path.suffix == ".npz":
-        return "npz"
-    if path.suffix == ".safetensors":
-        _, metadata = files.read_safetensors(path)
-        return "native" if NATIVE_KEY in metadata else "timm"
-    obj = files.read_torch(path)
-    if isinstance(obj, dict) and "state_dict" in obj:
-        return "mmseg"
-    return "timm"
+__all__ = ["FORMATS", "CheckpointError", "describe", "detect_format", "export_checkpoint", "from_pretrained",
+           "load_model", "resolve_checkpoint", "save_model", "save_pretrained"]
 
 
 def load_model(
     path: str | Path, format: str = "auto", config: ModelConfig | dict | str | Path | None = None
 ) -> Segmentor:
-    """Load a model in eval mode from any supported checkpoint layout (see module docstring).
+    """Load a model for inference (eval mode, ``requires_grad`` off) from any supported checkpoint layout (see the
+    module docstring): a file, a ``save_pretrained`` folder, or a training run's work dir (its latest checkpoint).
 
     ``config`` (a ModelConfig, a dict in segrank's schema, or a YAML path) gives the architecture for formats
-    that do not carry it (npz, timm), and overrides the one stored in mmseg/official checkpoints.
+    that do not carry it (npz, timm), and overrides the one stored in the others. To fine-tune a loaded model,
+    call ``model.train().requires_grad_(True)``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
     if format not in FORMATS + ("auto",):
         raise CheckpointError(f"unknown checkpoint format {format!r} (choose from {', '.join(FORMATS)})")
+    path = resolve_checkpoint(Path(path))
     fmt = detect_format(path) if format == "auto" else format
     cfg = model_config_from(config) if config is not None else None
     if fmt == "native":
         model = load_native(path, cfg)
+    elif fmt == "pretrained":
+        model = from_pretrained(path, cfg)
     elif fmt == "mmseg":
         model = load_mmseg(path, cfg)
     elif fmt == "segmenter":
         model = load_segmenter(path, cfg)
     else:
         model = load_backbone_checkpoint(path, cfg, fmt)
-    return model.eval()
-
-
-def load_native(path: Path, cfg: ModelConfig | None = None) -> Segmentor:
-    """A model from segrank's ``.safetensors``; ``cfg`` overrides the architecture stored in its metadata."""
-    sd, metadata = files.read_safetensors(path)
-    if cfg is None:
-        if NATIVE_KEY not in metadata:
-            raise CheckpointError(f"{path}: no segrank config in the metadata; pass a config")
-        try:
-            cfg = from_dict(ModelConfig, yaml.safe_load(metadata[NATIVE_KEY]), "model")
-        except (ConfigError, yaml.YAMLError) as err:
-            raise CheckpointError(f"{path}: stored config is invalid ({err})") from None
-    model = Segmentor(cfg)
-    files.load_state_dict_strict(model, sd, str(path))
-    return model
-
-
-def save_model(model: Segmentor, path: str | Path) -> Path:
-    """Native checkpoint: ``.safetensors`` weights + the ModelConfig as YAML in the metadata."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: native checkpoints are .safetensors files")
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {NATIVE_KEY: yaml.safe_dump(to_dict(model.cfg), sort_keys=False), "format": "segrank"}
-    files.atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
-    return path
+    return model.eval().requires_grad_(False)
 
 
 def export_checkpoint(model: Segmentor, path: str | Path, format: str) -> Path:
     """Write ``model`` in a foreign layout: mmseg .pth, official Segmenter folder, npz or timm (backbones only)."""
     path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = weights(model)
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if format == "mmseg":
-        ckpt = mmseg_checkpoint(model.cfg, sd)
+        ckpt = mmseg_checkpoint(model.cfg, sd, model.inference)
         files.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     elif format == "segmenter":
-        ckpt, variant = segmenter_checkpoint(model.cfg, sd)
+        ckpt, variant = segmenter_checkpoint(model.cfg, sd, model.inference)
         files.atomic_write(path / "checkpoint.pth", lambda tmp: torch.save(ckpt, tmp))
         files.write_text(path / "variant.yml", variant)
     elif format == "npz":

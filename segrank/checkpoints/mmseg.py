@@ -15,7 +15,8 @@ from typing import Any
 from torch import Tensor
 
 from segrank import files
-from segrank.config import ModelConfig, from_dict
+from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
+from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
 
@@ -245,12 +246,64 @@ def load_mmseg(path: Path, cfg: ModelConfig | None) -> Segmentor:
         sd[ours if ours is not None else key] = value
     model = Segmentor(cfg)
     files.load_state_dict_strict(model, sd, str(path))
+    model.inference = mmseg_inference_config(meta if isinstance(meta, dict) else {})
     return model
 
 
-def mmseg_checkpoint(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> dict[str, Any]:
+def mmseg_inference_config(meta: dict[str, Any]) -> InferenceConfig:
+    """What the checkpoint's reference config records for testing: ``img_norm_cfg``, the test pipeline's
+    ``MultiScaleFlipAug`` scale (and, in an ms+flip test config, its ``img_ratios`` as the ms-flip scales),
+    ``test_cfg`` windows and ``PALETTE``.
+    A value that is absent or not in the expected form stays unknown."""
+    parsed = parse_mmseg_config(meta["config"]) if isinstance(meta.get("config"), str) else {}
+    found: dict[str, Any] = {}
+    norm = parsed.get("img_norm_cfg")
+    if isinstance(norm, dict):
+        found |= {"mean": norm.get("mean"), "std": norm.get("std")}
+    ms_scales = None
+    for step in parsed.get("test_pipeline") or []:
+        if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug":
+            found["img_scale"] = step.get("img_scale")
+            if step.get("flip") and isinstance(step.get("img_ratios"), (list, tuple)):  # an ms+flip test config
+                ms_scales = list(step["img_ratios"])
+    model = parsed.get("model") if isinstance(parsed.get("model"), dict) else {}
+    test_cfg = model.get("test_cfg") or parsed.get("test_cfg") or {}  # mmseg >= 0.12 style, or the older one
+    if isinstance(test_cfg, dict) and test_cfg.get("mode") in ("slide", "whole"):
+        found["eval"] = {"mode": test_cfg["mode"], "crop_size": test_cfg.get("crop_size", (512, 512)),
+                         "stride": test_cfg.get("stride", (512, 512))}
+        if ms_scales is not None:
+            found["eval"]["ms_scales"] = ms_scales
+    if meta.get("PALETTE"):
+        found["palette"] = [list(c) for c in meta["PALETTE"]]
+    inference = InferenceConfig()
+    for key, value in found.items():
+        try:
+            setattr(inference, key, getattr(from_dict(InferenceConfig, {key: value}, "meta.config"), key))
+        except ConfigError:
+            continue  # not in the form the reference writes: stays unknown, and predict announces its default
+    return inference
+
+
+def mmseg_test_text(inference: InferenceConfig) -> str:
+    """The reference config lines that record ``inference`` (inverse of mmseg_inference_config)."""
+    lines, test = [], to_dict(inference)
+    if inference.mean is not None and inference.std is not None:
+        lines.append(f"img_norm_cfg = {dict(mean=test['mean'], std=test['std'], to_rgb=True)!r}")
+    if inference.img_scale is not None:
+        aug = {"type": "MultiScaleFlipAug", "img_scale": tuple(inference.img_scale), "flip": False}
+        lines.append(f"test_pipeline = {[{'type': 'LoadImageFromFile'}, aug]!r}")
+    if inference.eval is not None:
+        e = inference.eval
+        lines.append(f"test_cfg = {dict(mode=e.mode, crop_size=tuple(e.crop_size), stride=tuple(e.stride))!r}")
+    return "".join(line + "\n" for line in lines)
+
+
+def mmseg_checkpoint(cfg: ModelConfig, state_dict: dict[str, Tensor],
+                     inference: InferenceConfig | None = None) -> dict[str, Any]:
     """The mmseg checkpoint dict of a model (inverse of load_mmseg)."""
-    return {
-        "meta": {"config": mmseg_config_text(cfg), "CLASSES": tuple(cfg.class_names or ())},
-        "state_dict": {to_mmseg_name(k): v for k, v in state_dict.items()},
-    }
+    meta: dict[str, Any] = {"config": mmseg_config_text(cfg), "CLASSES": tuple(cfg.class_names or ())}
+    if inference is not None:
+        meta["config"] += mmseg_test_text(inference)
+        if inference.palette is not None:
+            meta["PALETTE"] = [list(c) for c in inference.palette]
+    return {"meta": meta, "state_dict": {to_mmseg_name(k): v for k, v in state_dict.items()}}

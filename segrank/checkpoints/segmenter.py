@@ -3,16 +3,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from torch import Tensor
 
 from segrank import files
-from segrank.config import ModelConfig, from_dict
+from segrank.config import ConfigError, EvalConfig, ModelConfig, from_dict
+from segrank.config.inference import InferenceConfig
+from segrank.data.info import dataset_info
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
+
+# segm/data/utils.py STATS (0-1 scale); segm/data/base.py scales them by 255 and rounds to 2 decimals.
+OFFICIAL_STATS = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                  "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+# Official dataset name -> (segrank dataset with the same classes, ``max_ratio`` of segm/data/config/<name>.py: the
+# test scale is (max_ratio * im_size, im_size)).
+OFFICIAL_DATASETS = {"ade20k": ("ade20k", 4), "pascal_context": ("pascal_context60", 8), "cityscapes": (None, 2)}
 
 
 class _VariantLoader(yaml.SafeLoader):
@@ -75,8 +86,10 @@ def load_segmenter(path: Path, cfg: ModelConfig | None) -> Segmentor:
     architecture of ``variant.yml``."""
     folder = path if path.is_dir() else path.parent
     ckpt_path = folder / "checkpoint.pth" if path.is_dir() or path.name == "variant.yml" else path
+    variant_path = folder / "variant.yml"
+    variant = read_variant(variant_path) if cfg is None or variant_path.is_file() else {}
     if cfg is None:
-        cfg = model_config_from_segmenter(read_variant(folder / "variant.yml"))
+        cfg = model_config_from_segmenter(variant)
     ckpt = files.read_torch(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{ckpt_path}: not an official Segmenter checkpoint (no 'model' mapping)")
@@ -88,16 +101,54 @@ def load_segmenter(path: Path, cfg: ModelConfig | None) -> Segmentor:
         sd[{"encoder": "backbone", "decoder": "decode_head"}.get(prefix, prefix) + "." + rest] = value
     model = Segmentor(cfg)
     files.load_state_dict_strict(model, sd, str(ckpt_path))
+    if isinstance(variant, dict):
+        model.inference = segmenter_inference_config(variant)
+        if cfg.class_names is None:
+            model.cfg = dataclasses.replace(cfg, class_names=segmenter_class_names(variant, cfg.num_classes))
     return model
 
 
-def segmenter_checkpoint(cfg: ModelConfig, state_dict: dict[str, Tensor]) -> tuple[dict[str, Any], str]:
+def segmenter_inference_config(variant: dict[str, Any]) -> InferenceConfig:
+    """Normalisation (``dataset_kwargs.normalization``) and test scale and windows (``inference_kwargs``) of an
+    official run, as its evaluation (segm/eval/miou.py) uses them; what the variant does not record stays unknown."""
+    data, net, kwargs = (variant.get(k) if isinstance(variant.get(k), dict) else {}
+                         for k in ("dataset_kwargs", "net_kwargs", "inference_kwargs"))
+    inference = InferenceConfig()
+    stats = OFFICIAL_STATS.get(data.get("normalization") or net.get("normalization"))
+    if stats is not None:
+        inference.mean, inference.std = (tuple(np.round(255 * np.array(v), 2).tolist()) for v in stats)
+    ratio = OFFICIAL_DATASETS.get(data.get("dataset"), (None, 4))[1]
+    try:
+        if isinstance(kwargs.get("im_size"), int):
+            inference.img_scale = (ratio * kwargs["im_size"], kwargs["im_size"])
+        if isinstance(kwargs.get("window_size"), int) and isinstance(kwargs.get("window_stride"), int):
+            window, stride = kwargs["window_size"], kwargs["window_stride"]
+            inference.eval = from_dict(EvalConfig, {"mode": "slide", "crop_size": [window, window],
+                                                    "stride": [stride, stride]}, "inference_kwargs")
+    except ConfigError:
+        inference.eval = None  # not in the form the official code writes: predict announces its default
+    return inference
+
+
+def segmenter_class_names(variant: dict[str, Any], num_classes: int) -> list[str] | None:
+    """The class names of the official run's dataset, when segrank knows it and the class count matches."""
+    data = variant.get("dataset_kwargs") if isinstance(variant.get("dataset_kwargs"), dict) else {}
+    name = OFFICIAL_DATASETS.get(data.get("dataset"), (None, 0))[0]
+    if name is None:
+        return None
+    classes = dataset_info(name).classes
+    return list(classes) if len(classes) == num_classes else None
+
+
+def segmenter_checkpoint(cfg: ModelConfig, state_dict: dict[str, Tensor],
+                         inference: InferenceConfig | None = None) -> tuple[dict[str, Any], str]:
     """(``checkpoint.pth`` dict, ``variant.yml`` text) of a model (inverse of load_segmenter)."""
     if cfg.head.type not in ("segmenter", "linear"):
         raise CheckpointError(f"the official Segmenter has no {cfg.head.type!r} head")
     renamed = {("encoder" if k.startswith("backbone.") else "decoder") + k[k.index("."):]: v
                for k, v in state_dict.items()}
-    return {"model": renamed, "n_cls": cfg.num_classes}, yaml.safe_dump(segmenter_variant(cfg))
+    variant = segmenter_variant(cfg) | segmenter_test_kwargs(inference or InferenceConfig())
+    return {"model": renamed, "n_cls": cfg.num_classes}, yaml.safe_dump(variant)
 
 
 def segmenter_variant(cfg: ModelConfig) -> dict[str, Any]:
@@ -113,3 +164,19 @@ def segmenter_variant(cfg: ModelConfig) -> dict[str, Any]:
         "decoder": decoder,
     }}
 
+
+
+def segmenter_test_kwargs(inference: InferenceConfig) -> dict[str, Any]:
+    """The variant.yml entries that record ``inference`` where the official layout can (inverse of
+    segmenter_inference_config for square windows and the official normalisations)."""
+    out: dict[str, Any] = {}
+    for name, stats in OFFICIAL_STATS.items():
+        mean, std = (tuple(np.round(255 * np.array(v), 2).tolist()) for v in stats)
+        if inference.mean == mean and inference.std == std:
+            out["dataset_kwargs"] = {"normalization": name}
+    e = inference.eval
+    if inference.img_scale is not None and e is not None and e.mode == "slide" and \
+            e.crop_size[0] == e.crop_size[1] and e.stride[0] == e.stride[1]:
+        out["inference_kwargs"] = {"im_size": min(inference.img_scale), "window_size": e.crop_size[0],
+                                   "window_stride": e.stride[0]}
+    return out

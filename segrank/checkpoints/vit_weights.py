@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from segrank import files
+from segrank.checkpoints.detect import file_kind
 from segrank.config import ModelConfig
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
@@ -115,11 +116,12 @@ def strip_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def read_backbone_weights(path: Path, fmt: str | None = None) -> dict[str, Tensor]:
-    """Our backbone state dict from an AugReg ``.npz`` or a timm-named ``.pth``/``.safetensors`` file (``fmt``:
-    ``npz``, ``timm`` or None for the file's suffix)."""
-    if fmt == "npz" or (fmt is None and path.suffix == ".npz"):
+    """Our backbone state dict from an AugReg ``.npz`` or a timm-named PyTorch or safetensors file (``fmt``:
+    ``npz``, ``timm`` or None: told apart by the file's content)."""
+    kind = "npz" if fmt == "npz" else file_kind(path)[0]
+    if kind == "npz":
         return npz_to_state_dict(files.read_npz(path))
-    sd = files.read_safetensors(path)[0] if path.suffix == ".safetensors" else files.read_torch(path)
+    sd = files.read_safetensors(path)[0] if kind == "safetensors" else files.read_torch(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):

@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 
 from segrank import files
 from segrank.checkpoints import save_model
+from segrank.checkpoints.detect import LATEST
 from segrank.config import Config, from_dict, to_dict
 from segrank.errors import SegrankError
 from segrank.models.segmentor import Segmentor
 
-LATEST = "latest"
 LAUNCH = "torchrun_job"  # the torchrun job that created the run: its restarted attempts resume the run
 _NAME = re.compile(r"iter_(\d+)\.(safetensors|state\.pt)")
 

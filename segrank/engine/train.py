@@ -33,6 +33,7 @@ from segrank.engine.runtime import (
     setup_distributed,
 )
 from segrank.engine.sampling import SampleStream, StepBatches, collate, derive_seed, seed_everything
+from segrank.engine.settings import run_inference_config
 from segrank.errors import SegrankError
 from segrank.models.losses import presence_targets
 from segrank.models.segmentor import Segmentor
@@ -73,6 +74,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
 
     torch.manual_seed(tc.seed)
     model = Segmentor(cfg.model)
+    model.inference = run_inference_config(cfg, info)  # every checkpoint carries the run's test settings
     # A checkpoint replaces the pretrained backbone; a run resumed before its first checkpoint starts from it again.
     if tc.pretrained and not (resume and state.latest_checkpoint(ckpt_dir)):
         load_backbone_weights(model, tc.pretrained)

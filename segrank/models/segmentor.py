@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segrank.config import ModelConfig, model_config_from
+from segrank.config.inference import InferenceConfig
 from segrank.models import losses as L
 from segrank.models.output import SegOutput
 from segrank.models.rankseg_head import RankSegGTHead, RankSegHead
@@ -33,6 +34,9 @@ class Segmentor(nn.Module):
         self.patch_size = cfg.backbone.patch_size
         self.backbone = VisionTransformer(cfg.backbone, num_classes=cfg.num_classes)
         self.decode_head = build_head(cfg)
+        # Test settings the model's checkpoint carries (set by the checkpoint loaders and by training), so that a
+        # model handed to a Predictor segments as it did where it was trained.
+        self.inference: InferenceConfig | None = None
 
     @property
     def needs_present_classes(self) -> bool:
@@ -44,6 +48,9 @@ class Segmentor(nn.Module):
 
         present: (B, num_classes) bool, the classes in each image's label (GT-oracle models only).
         """
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise TypeError(f"Segmentor takes a normalised (B, 3, H, W) tensor, got {describe_input(images)}; "
+                            "segrank.Predictor segments image files, PIL images and arrays")
         features = self.backbone(images)
         if self.needs_present_classes:
             return self.decode_head(features.feature_map, features.class_tokens, present)
@@ -138,6 +145,11 @@ class Segmentor(nn.Module):
                 out["image_precision"] = L.image_precision(hist, output.class_index)
         out["loss"] = total
         return out
+
+
+def describe_input(value: object) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def build_model(config: ModelConfig | dict | str) -> Segmentor:

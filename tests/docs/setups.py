@@ -145,9 +145,10 @@ def ade20k_data(cache: Cache, cwd: Path, home: Path) -> None:
 
 
 def photos(cache: Cache, cwd: Path, home: Path) -> None:
-    """``photos/*.jpg``: two photos to segment."""
-    for path in sorted((ADE_SAMPLE / "images" / "validation").glob("*.jpg"))[:2]:
-        copy(path, cwd / "photos" / path.name.replace("ADE_val_", "photo_"))
+    """``photos/kitchen.jpg`` and ``photos/street.jpg``: two photos to segment (ADE20K validation images)."""
+    sample = sorted((ADE_SAMPLE / "images" / "validation").glob("*.jpg"))[:2]
+    for path, name in zip(sample, ("kitchen.jpg", "street.jpg"), strict=True):
+        copy(path, cwd / "photos" / name)
 
 
 def cocostuff10k_download(cache: Cache, cwd: Path, home: Path) -> None:

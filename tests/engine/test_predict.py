@@ -15,9 +15,9 @@ from segrank.checkpoints import save_model
 from segrank.cli import main
 from segrank.config import EvalConfig, ModelConfig, from_dict
 from segrank.engine.evaluate import evaluate
+from segrank.engine.images import check_distinct_names, collect_inputs
 from segrank.engine.inference import predict_image
 from segrank.engine.metrics import confusion_matrix, summarize
-from segrank.engine.predict import collect_inputs
 
 NUM_CLASSES, IGNORE = 12, 255
 
@@ -207,12 +207,12 @@ def test_collect_inputs_rejects_colliding_names(tmp_path):
     a, b = write_images(tmp_path / "a", [(8, 8)]), write_images(tmp_path / "b", [(8, 8)])
     assert collect_inputs([str(a[0]), str(a[0])]) == a  # duplicates collapse
     with pytest.raises(Exception, match="same name"):
-        collect_inputs([str(a[0]), str(b[0])])
+        check_distinct_names(collect_inputs([str(a[0]), str(b[0])]))
 
 
 def test_settings_from_mmseg_checkpoint_and_flags():
     from segrank.checkpoints import load_model
-    from segrank.engine.predict import resolve_settings
+    from segrank.engine.settings import resolve_settings
     from tests.engine.test_inference import fixture
 
     path = fixture("full_model_mmseg") / "rankseg.pth"

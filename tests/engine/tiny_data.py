@@ -5,13 +5,12 @@ Like segrank's datasets, ``dataset[(index, seed)]`` draws its train-time flip fr
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import torch
 
 import segrank.data
 import segrank.engine.train
+from segrank.data.info import HALF_MEAN, HALF_STD, DatasetInfo, generated_palette
 
 NUM_CLASSES = 12
 IGNORE = 255
@@ -45,9 +44,9 @@ def build_dataset(cfg, split: str, train: bool) -> TinyScenes:
     return TinyScenes(cfg.options.get("num_images", 16), cfg.options.get("size", 32), train)
 
 
-def dataset_info(name: str, options: dict, root: str | None = None) -> types.SimpleNamespace:
-    return types.SimpleNamespace(num_classes=NUM_CLASSES, ignore_index=IGNORE,
-                                 classes=[f"class{i}" for i in range(NUM_CLASSES)])
+def dataset_info(name: str, options: dict, root: str | None = None) -> DatasetInfo:
+    return DatasetInfo("tiny", [f"class{i}" for i in range(NUM_CLASSES)], generated_palette(NUM_CLASSES), IGNORE,
+                       HALF_MEAN, HALF_STD)
 
 
 def install(monkeypatch=None) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import zipfile
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import segrank
-from segrank.checkpoints import CheckpointError, export_checkpoint, load_model, save_model
+from segrank.checkpoints import CheckpointError, detect_format, export_checkpoint, load_model, save_model
 from segrank.checkpoints.mmseg import to_mmseg_name
+from segrank.checkpoints.vit_weights import load_backbone_weights
 from segrank.cli import main
-from segrank.config import ModelConfig, from_dict, to_dict
+from segrank.config import EvalConfig, ModelConfig, from_dict, to_dict
 
 
 def config(head: str = "rankseg", head_extra: dict | None = None, **kw) -> ModelConfig:
@@ -177,3 +181,140 @@ def test_info_prints_the_class_names_once_and_the_architecture_as_a_model_sectio
     section = yaml.safe_load(text[text.index("model:"):])["model"]
     assert "class_names" not in section
     assert to_dict(from_dict(ModelConfig, section, "model")) == to_dict(cfg) | {"class_names": None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Test settings carried by every layout, the Hugging Face folder, folders that stand for a checkpoint, and formats
+# told apart by content.
+
+
+def with_settings(model: segrank.Segmentor) -> segrank.Segmentor:
+    model.inference = segrank.InferenceConfig(
+        palette=[[i * 20, 255 - i * 20, (i * 70) % 256] for i in range(11)], mean=(127.5, 127.5, 127.5),
+        std=(127.5, 127.5, 127.5), img_scale=(96, 64),
+        eval=EvalConfig(mode="slide", crop_size=(48, 48), stride=(32, 32), ms_scales=[0.5, 1.0]))
+    return model
+
+
+def test_test_settings_survive_native_mmseg_and_official_layouts(tmp_path):
+    model = with_settings(random_model(config("rankseg")))
+    native = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert native.inference == model.inference
+    mmseg = load_model(export_checkpoint(model, tmp_path / "m.pth", "mmseg")).inference
+    assert (mmseg.mean, mmseg.std, mmseg.img_scale, mmseg.palette) == (
+        model.inference.mean, model.inference.std, model.inference.img_scale, model.inference.palette)
+    assert (mmseg.eval.mode, mmseg.eval.crop_size, mmseg.eval.stride) == ("slide", (48, 48), (32, 32))
+    cfg = config("segmenter", padding="crop", backbone={"norm_eps": 1e-5, "pos_embed_interpolation": "bilinear"})
+    official = load_model(export_checkpoint(with_settings(random_model(cfg)), tmp_path / "run", "segmenter"))
+    # The official variant.yml records the 'vit' normalisation and square windows; im_size is the short side.
+    assert (official.inference.mean, official.inference.img_scale) == ((127.5, 127.5, 127.5), (256, 64))
+    assert (official.inference.eval.crop_size, official.inference.eval.stride) == ((48, 48), (32, 32))
+    untouched = load_model(save_model(random_model(config("rankseg")), tmp_path / "plain.safetensors"))
+    assert untouched.inference is None  # nothing invented for a model that never had settings
+
+
+def test_official_fixture_carries_its_normalisation_and_windows():
+    from tests.parity.common import FIXTURES
+
+    model = load_model(FIXTURES / "official_segmenter" / "mask_transformer")
+    assert model.inference.mean == (127.5, 127.5, 127.5) and model.inference.img_scale == (512, 128)
+    assert (model.inference.eval.crop_size, model.inference.eval.stride) == ((128, 128), (128, 128))
+
+
+def test_save_pretrained_folder(tmp_path):
+    cfg = config("rankseg", class_names=[f"thing{i}" for i in range(11)])
+    model = with_settings(random_model(cfg))
+    folder = segrank.save_pretrained(model, tmp_path / "hf")
+    data = json.loads((folder / "config.json").read_text())
+    assert data["id2label"]["3"] == "thing3" and data["label2id"]["thing3"] == 3 and data["num_labels"] == 11
+    for loaded in (segrank.from_pretrained(folder), load_model(folder), load_model(folder / "model.safetensors")):
+        assert loaded.cfg == model.cfg and loaded.inference == model.inference
+        assert torch.equal(outputs(model, X), outputs(loaded, X))
+    data["id2label"]["3"] = "renamed"  # as in Hugging Face, config.json is what from_pretrained reads
+    (folder / "config.json").write_text(json.dumps(data))
+    assert load_model(folder).cfg.class_names[3] == "renamed"
+    data["id2label"].pop("3")
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="id2label: needs one name for each class id 0..10"):
+        load_model(folder)
+
+
+def test_run_work_dir_stands_for_its_latest_checkpoint(tmp_path):
+    first, second = random_model(config("segmenter")), with_settings(random_model(config("segmenter")))
+    ckpts = tmp_path / "run" / "checkpoints"
+    save_model(first, ckpts / "iter_0000001.safetensors")
+    save_model(second, ckpts / "iter_0000002.safetensors")
+    (ckpts / "latest").write_text("iter_0000002\n")
+    for path in (tmp_path / "run", ckpts):
+        assert torch.equal(outputs(load_model(path), X), outputs(second, X))
+    (ckpts / "latest").write_text("iter_0000003\n")
+    with pytest.raises(CheckpointError, match=r"latest: names checkpoint 'iter_0000003'"):
+        load_model(tmp_path / "run")
+
+
+def test_formats_are_told_apart_by_content_not_name(tmp_path):
+    model = random_model(config("rankseg"))
+    renamed = tmp_path / "weights.pth"  # a native .safetensors under a PyTorch name loads as what it is
+    save_model(model, tmp_path / "m.safetensors").rename(renamed)
+    assert detect_format(renamed) == "native"
+    assert torch.equal(outputs(load_model(renamed), X), outputs(model, X))
+    mmseg = export_checkpoint(model, tmp_path / "ref.pth", "mmseg").rename(tmp_path / "ref.safetensors")
+    assert detect_format(mmseg) == "mmseg" and torch.equal(outputs(load_model(mmseg), X), outputs(model, X))
+    npz = export_checkpoint(model, tmp_path / "b.npz", "npz").rename(tmp_path / "backbone.bin")
+    timm = export_checkpoint(model, tmp_path / "b.safetensors", "timm").rename(tmp_path / "backbone.pt")
+    assert (detect_format(npz), detect_format(timm)) == ("npz", "timm")
+    for path in (npz, timm):
+        loaded = load_model(path, config=model.cfg)
+        with torch.no_grad():
+            assert torch.equal(loaded.backbone(X).feature_map, model.backbone(X).feature_map)
+    for path in (npz, timm):  # train.pretrained reads backbones by content too
+        fresh = load_backbone_weights(segrank.build_model(model.cfg).eval(), path)
+        with torch.no_grad():
+            assert torch.equal(fresh.backbone(X).feature_map, model.backbone(X).feature_map)
+
+
+WRONG_FILES = {
+    "training state": (lambda p: torch.save({"step": 2, "seed": 0, "optimizer": {}, "scaler": {}},
+                                            p / "iter_0000002.state.pt") or p / "iter_0000002.state.pt",
+                       "iter_0000002.state.pt: a segrank training state (optimizer state and step, read by train "
+                       "--resume), not model weights; the weights are in iter_0000002.safetensors beside it"),
+    "optimizer state": (lambda p: torch.save({"state": {}, "param_groups": []}, p / "opt.pt") or p / "opt.pt",
+                        "opt.pt: an optimizer state, not model weights"),
+    "folder": (lambda p: (p / "photos").mkdir() or p / "photos",
+               "photos: not a checkpoint folder (expected config.json + model.safetensors (save_pretrained), a "
+               "training run's work dir (checkpoints/latest) or an official Segmenter run"),
+    "image": (lambda p: Image.new("RGB", (4, 4)).save(p / "cat.png") or p / "cat.png",
+              "cat.png: a PNG image, not a checkpoint"),
+    "empty": (lambda p: (p / "model.pth").touch() or p / "model.pth", "model.pth: empty file, not a checkpoint"),
+    "yaml": (lambda p: (p / "cfg.pth").write_text("model:\n  num_classes: 3\n") and p / "cfg.pth",
+             "cfg.pth: a text file, not a checkpoint (it starts with 'model:')"),
+    "zip": (lambda p: zipfile.ZipFile(p / "a.zip", "w").close() or p / "a.zip",
+            "a.zip: a zip archive holding neither PyTorch weights (data.pkl) nor .npy arrays"),
+    "official without variant": (lambda p: torch.save({"model": {"x": torch.zeros(1)}, "n_cls": 3}, p / "c.pth")
+                                 or p / "c.pth", "c.pth: official Segmenter checkpoint without the variant.yml"),
+    "truncated header": (lambda p: (p / "t.safetensors").write_bytes(b"\x00\x10\x00\x00\x00\x00\x00\x00{\"a\"")
+                         and p / "t.safetensors", "t.safetensors: truncated .safetensors file"),
+    "not a mapping": (lambda p: torch.save([torch.zeros(2)], p / "list.pt") or p / "list.pt",
+                      "list.pt: holds a list, not a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_FILES))
+def test_each_wrong_kind_of_file_gets_its_own_message(kind, tmp_path, capsys):
+    make, message = WRONG_FILES[kind]
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, config=config())
+    assert str(err.value).startswith(str(path)) and message in str(err.value), str(err.value)
+    assert "run code" not in str(err.value) and "timm" not in str(err.value)
+    assert main(["info", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_tensors_that_are_no_model_are_not_called_backbone_weights(tmp_path, capsys):
+    save_file({"in.64x96": torch.zeros(1, 3, 4, 4), "out.logits": torch.zeros(2)}, tmp_path / "io.safetensors")
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    for name, what in (("io.safetensors", "a .safetensors file"), ("other.pth", "a PyTorch file")):
+        assert main(["info", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: {what} of tensors (" in err and "neither a segrank model nor ViT backbone weights" in err

@@ -292,7 +292,57 @@ def truncated_pth(tmp):
 def non_checkpoint_file(tmp):
     notes = tmp / "notes.pth"
     notes.write_text("these are my notes\n")
-    return ["info", notes], "notes.pth: not a loadable checkpoint"
+    return ["info", notes], "notes.pth: a text file, not a checkpoint (it starts with 'these are my notes')"
+
+
+@case
+def training_state_given_as_checkpoint(tmp):
+    state = tmp / "iter_0000004.state.pt"
+    torch.save({"step": 4, "seed": 0, "optimizer": {"state": {}, "param_groups": []}, "scaler": {}}, state)
+    return ["info", state], "iter_0000004.state.pt: a segrank training state (optimizer state and step, read by " \
+                            "train --resume), not model weights; the weights are in iter_0000004.safetensors beside it"
+
+
+@case
+def image_folder_given_as_checkpoint(tmp):
+    _, _, root = eval_setup(tmp)
+    return ["predict", root / "images", root / "images", "--out", tmp / "pred", "--no-progress"], \
+        "images: not a checkpoint folder (expected config.json + model.safetensors (save_pretrained)"
+
+
+@case
+def photo_given_as_checkpoint(tmp):
+    _, _, root = eval_setup(tmp)
+    return ["convert", root / "images" / "img0.jpg", "--out", tmp / "converted.safetensors"], \
+        "img0.jpg: a JPEG image, not a checkpoint"
+
+
+@case
+def predict_std_zero(tmp):
+    _, ckpt, root = eval_setup(tmp)
+    return ["predict", ckpt, root / "images", "--out", tmp / "pred", "--std", "0", "0", "0", "--no-progress"], \
+        "std: every value must be > 0, got [0.0, 0.0, 0.0]"
+
+
+@case
+def predict_img_scale_zero(tmp):
+    _, ckpt, root = eval_setup(tmp)
+    return ["predict", ckpt, root / "images", "--out", tmp / "pred", "--img-scale", "0", "0", "--no-progress"], \
+        "img_scale: every value must be >= 1, got [0, 0]"
+
+
+@case
+def serve_without_a_checkpoint(tmp):
+    (tmp / "notes.txt").write_text("not a model\n")
+    return ["serve", tmp / "notes.txt", "--port", "0"], "notes.txt: a text file, not a checkpoint"
+
+
+@case
+def convert_into_a_non_empty_folder(tmp):
+    _, ckpt, _ = eval_setup(tmp)
+    (tmp / "hf").mkdir()
+    (tmp / "hf" / "keep.txt").write_text("mine\n")
+    return ["convert", ckpt, "--out", tmp / "hf"], "hf: already exists (use --force to overwrite)"
 
 
 @case
