@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from segrank.config import HeadConfig
 from segrank.models.blocks import init_transformer_weights
 from segrank.models.output import FILL_LOGIT, SegOutput
+from segrank.models.pooling import adaptive_avg_pool2d
 from segrank.models.segmenter_head import MaskDecoderBase, to_grid, tokens_of
 
 
@@ -161,14 +162,14 @@ class RankSegHead(MaskDecoderBase):
             if self.downsample is None:
                 ml_tokens = patches
             else:
-                ml_tokens = self.proj_dec(tokens_of(F.adaptive_avg_pool2d(feature_map, self.downsample)))
+                ml_tokens = self.proj_dec(tokens_of(adaptive_avg_pool2d(feature_map, self.downsample)))
             y = self.blocks[0](torch.cat([ml_tokens, classes], dim=1))
             class_feats = self.decoder_norm2(y[:, ml_tokens.shape[1] :])
             image_logits = self.ml_fc(class_feats)
             if self.downsample is None:
                 patches = y[:, : ml_tokens.shape[1]]
         else:
-            pooled = F.adaptive_avg_pool2d(feature_map, self.downsample)
+            pooled = adaptive_avg_pool2d(feature_map, self.downsample)
             if self.multilabel_head == "query2label":
                 image_logits = self.img_cls_head(pooled, self.cls_emb[0])
             else:

@@ -32,19 +32,27 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, D, ceil(H/p), ceil(W/p)), zero-padding bottom/right."""
+        """(B, 3, H, W) -> (B, D, ceil(H/p), ceil(W/p)), zero-padding bottom/right.
+
+        Always padded, by 0 when the size is a multiple: a tracer (ONNX export with dynamic H/W) would otherwise
+        freeze whichever branch its example size took. The pad is written through the ceil-divided grid so that
+        torch.export can bound the grid from the input's range (it cannot see through ``-H % p``).
+        """
         p = self.patch_size
-        pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.proj(x)
+        H, W = x.shape[2], x.shape[3]
+        return self.proj(F.pad(x, (0, (W + p - 1) // p * p - W, 0, (H + p - 1) // p * p - H)))
 
 
 def resample_pos_embed(
     pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], mode: str, num_prefix: int = 1
 ) -> Tensor:
-    """Resize the grid part of a (1, prefix + gh*gw, D) table, keeping the prefix (cls) entries."""
-    if tuple(old_grid) == tuple(new_grid):
+    """Resize the grid part of a (1, prefix + gh*gw, D) table, keeping the prefix (cls) entries.
+
+    Under torch.export the resize is always kept: comparing a symbolic grid with the table's would fix the
+    exported graph to the example's size. At an equal size the bilinear and bicubic resizes are exact identities
+    (all tap weights are exactly 0 or 1), so both paths give the same numbers.
+    """
+    if not torch.compiler.is_exporting() and tuple(old_grid) == tuple(new_grid):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     dim = grid.shape[-1]
