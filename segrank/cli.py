@@ -15,6 +15,7 @@ from segrank.checkpoints import FORMATS
 from segrank.data import DATASETS
 from segrank.data.convert import CONVERTERS
 from segrank.data.parallel import default_workers
+from segrank.engine.onnx_export import DEFAULT_OPSET
 from segrank.errors import SegrankError
 
 
@@ -83,6 +84,29 @@ def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["auto", *FORMATS], default="auto")
     p.add_argument("--config", help="YAML config for formats that do not carry their architecture")
     p.set_defaults(func=commands.info)
+
+
+def add_export_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("export", help="export a model for deployment")
+    formats = parser.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    p = formats.add_parser("onnx", help="ONNX graph (needs the onnx extra: pip install 'segrank[onnx]'); see "
+                                        "docs/deployment.md")
+    p.add_argument("ckpt", help="model checkpoint (native .safetensors, mmseg .pth, official Segmenter)")
+    p.add_argument("--out", required=True, help="destination .onnx file")
+    p.add_argument("--size", nargs=2, metavar=("H", "W"),
+                   help="input size of the graph (with --dynamic: the tracing example; default: the training crop)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic height and width (the batch is always dynamic)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--labels", action="store_true",
+                   help="output the class-id map (argmax and RankSeg's slot-to-class mapping in the graph)")
+    p.add_argument("--check", action="store_true",
+                   help="compare onnxruntime with PyTorch on random inputs (the export size, and two more sizes with "
+                        "--dynamic); on a mismatch exit 2 and write nothing")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest |Δlogit| --check accepts (default: 1e-4)")
+    p.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="checkpoint layout")
+    p.add_argument("--config", help="YAML config for formats that do not carry their architecture")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=commands.export_onnx_command)
 
 
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -250,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_checkpoint_commands(sub)  # convert, info
+    add_export_commands(sub)  # export onnx
     add_run_commands(sub)  # train, demo, eval, predict, serve
     add_dataset_commands(sub)  # datasets list | check | prepare
     add_config_commands(sub)  # config show

@@ -32,6 +32,7 @@ from segrank.engine.demo import run_demo
 from segrank.engine.evaluate import evaluate
 from segrank.engine.images import check_distinct_names, collect_inputs
 from segrank.engine.metrics import format_table
+from segrank.engine.onnx_export import export_onnx, min_dynamic_side, output_names
 from segrank.engine.predictor import Predictor
 from segrank.engine.runtime import setup_distributed
 from segrank.engine.serve import serve
@@ -83,6 +84,42 @@ def info(args: argparse.Namespace) -> int:
     unknown = [k for k in inference.missing() if k != "palette"]  # without one, a palette is generated
     if unknown:
         print(f"not stored: {', '.join(unknown)} (prediction announces the defaults it uses)")
+    return 0
+
+
+def parse_size(values: list[str]) -> tuple[int, int]:
+    """``--size H W`` as two positive integers (read as text so that a bad value gets segrank's one-line error)."""
+    try:
+        size = (int(values[0]), int(values[1]))
+    except ValueError:
+        size = (0, 0)
+    if min(size) < 1:
+        raise SegrankError(f"--size: {' '.join(values)}: expected two positive integers H W")
+    return size
+
+
+def export_onnx_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise SegrankError(f"{out}: --out must end with .onnx")
+    if out.is_dir():
+        raise SegrankError(f"{out}: is a folder, expected a file name")
+    if out.exists() and not args.force:
+        raise SegrankError(f"{out}: already exists (use --force to overwrite)")
+    if not args.tol > 0:
+        raise SegrankError(f"--tol: {args.tol}: must be positive")
+    size = parse_size(args.size) if args.size else None
+    model = load_model(args.ckpt, format=args.format, config=args.config)
+    if size is None:  # the training crop: the size the position table was learnt at
+        grid = model.cfg.backbone.pos_embed_grid
+        size = (grid[0] * model.patch_size, grid[1] * model.patch_size)
+    results = export_onnx(model, out, size, dynamic=args.dynamic, opset=args.opset, labels=args.labels,
+                          check_tol=args.tol if args.check else None)
+    for result in results:
+        print(f"check {result.line()}")
+    shape = f"H, W >= {min_dynamic_side(model)}" if args.dynamic else f"{size[0]}x{size[1]}"
+    print(f"wrote {out}: {describe(model)}; opset {args.opset}, input image float32 (B, 3, H, W) normalised, "
+          f"{shape}; outputs {', '.join(output_names(model, args.labels))}")
     return 0
 
 
