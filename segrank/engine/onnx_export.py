@@ -31,8 +31,8 @@ from segrank import files
 from segrank.errors import SegrankError
 from segrank.models import Segmentor, SegOutput
 
-DEFAULT_OPSET = 18  # the exporter's own opset; newer ones are produced by converting from it
-MAX_OPSET = 23
+DEFAULT_OPSET = 18  # torch's exporter writes 18 and converts to newer ones; older runtimes read 18
+MAX_OPSET = 25  # 18..25 export and run exactly in onnxruntime 1.31 (23+ use its Attention and Gelu operators)
 MAX_SIDE = 8192  # upper bound of the dynamic H/W symbols (torch.export needs a finite range to reason with)
 EXPORT_PACKAGES = ("onnx", "onnxscript")
 
