@@ -8,8 +8,9 @@ The graph takes ``image``: float32 (B, 3, H, W), normalised as the model expects
 
 The batch axis is always dynamic; ``dynamic=True`` also makes H and W dynamic. The models keep the padding, the
 position-table resize and the multi-label pooling general under torch.export (see segrank/models/vit.py and
-segrank/models/pooling.py), and the export is refused when the graph still came out with a fixed H or W.
-onnx and onnxscript (export) and onnxruntime (check) are optional packages: ``pip install 'segrank[onnx]'``.
+segrank/models/pooling.py); a model part that would still fix H or W makes torch.export, and so the export, fail
+with one line instead of giving a graph that is only right at the example size. onnx and onnxscript (export) and
+onnxruntime (check) are optional packages: ``pip install 'segrank[onnx]'``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def require_packages(names: tuple[str, ...], purpose: str) -> None:
     """SegrankError naming the missing optional packages (the ``onnx`` extra) for ``purpose``."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise SegrankError(f"{purpose} needs {', '.join(missing)}: pip install 'segrank[onnx]' "
-                           "(onnxruntime needs Python >= 3.11)")
+        note = " (onnxruntime needs Python >= 3.11)" if "onnxruntime" in missing else ""
+        raise SegrankError(f"{purpose} needs {', '.join(missing)}: pip install 'segrank[onnx]'{note}")
 
 
 def output_names(model: Segmentor, labels: bool) -> list[str]:
@@ -77,7 +78,7 @@ class ExportGraph(nn.Module):
 
 def validate_export(model: Segmentor, size: tuple[int, int], dynamic: bool, opset: int) -> None:
     """Refuse what cannot be exported exactly, before anything is traced or written."""
-    if model.cfg.head.type == "rankseg_gt":
+    if model.needs_present_classes:
         raise SegrankError("rankseg_gt: the GT-oracle head takes each image's ground-truth classes as a second "
                            "input and cannot be exported")
     low = min_dynamic_side(model) if dynamic else 1
@@ -143,7 +144,7 @@ def export_onnx(
     labels: bool = False,
     check_tol: float | None = None,
 ) -> list[SizeCheck]:
-    """Write ``model`` as an ONNX graph to ``out``.
+    """Write ``model`` (put in eval mode) as an ONNX graph to ``out``.
 
     With ``check_tol``, onnxruntime first runs the graph against PyTorch (at ``check_sizes``) and ``out`` is
     written only when every size passes; the per-size results are returned.

@@ -19,7 +19,8 @@ from segrank import build_model  # noqa: E402
 from segrank.checkpoints import save_model  # noqa: E402
 from segrank.cli import main  # noqa: E402
 from segrank.config import ModelConfig, from_dict  # noqa: E402
-from segrank.engine.onnx_export import check_onnx, export_onnx  # noqa: E402
+from segrank.engine.onnx_export import check_onnx, export_onnx, require_packages  # noqa: E402
+from segrank.errors import SegrankError  # noqa: E402
 
 TOL = 1e-4
 PATCH = 8
@@ -203,3 +204,9 @@ def test_gt_oracle_model_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "GT-oracle" in err
     assert not (tmp_path / "gt.onnx").exists()
+
+
+def test_missing_optional_package_is_one_line_naming_the_extra():
+    """Only the missing ones are named (here a made-up module beside two installed ones)."""
+    with pytest.raises(SegrankError, match=r"^ONNX export needs no_such_module_xyz: pip install 'segrank\[onnx\]'$"):
+        require_packages(("onnx", "no_such_module_xyz", "onnxscript"), "ONNX export")
