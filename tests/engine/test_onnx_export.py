@@ -1,8 +1,9 @@
 """``segrank export onnx``: onnxruntime against PyTorch for every model family, fixed and dynamic sizes.
 
 References are computed here from the model's public methods (forward, ``to_input_size``, ``class_map``), not
-from the exporter's own comparison code. The models are tiny (patch 8, a 6x6 position table, one backbone block) so
-that each export takes seconds; sizes are chosen off the patch grid and away from the export example.
+from the exporter's own comparison code. The models are tiny (patch 8, a 6x6 position table, one backbone block);
+even so one export costs 4-10 CPU seconds (torch.export tracing and decomposition), so each graph is exported once
+per module. Sizes are chosen off the patch grid and away from the export example.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ HEAD = {"n_layers": 2, "d_ff": 32, "n_heads": 1, "dropout": 0.0}
 RANKSEG = {**HEAD, "type": "rankseg", "topk": 4}
 FAMILIES = {
     "segmenter": {"head": {**HEAD, "type": "segmenter", "n_layers": 1}},
-    # downsample 5: pooling bins overlap at some sizes and not at others (grids from 5 to 13 here).
-    "rankseg_pooled": {"head": {**RANKSEG, "downsample": 5}},
+    # 8x8 pooled tokens as in the zoo; the patch grids here (5 to 13 cells a side) give overlapping bins (fewer
+    # cells than bins), equal bins and uneven bins.
+    "rankseg_pooled": {"head": {**RANKSEG, "downsample": 8}},
     "rankseg_unpooled": {"head": {**RANKSEG, "downsample": None}},
     "rankseg_oce": {"backbone": {**BACKBONE, "oce_start_layer": 0},
                     "head": {**RANKSEG, "downsample": 5, "cls_emb_from_backbone": True}},
