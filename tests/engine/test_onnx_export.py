@@ -24,6 +24,7 @@ from segrank.engine.onnx_export import check_onnx, export_onnx, require_packages
 from segrank.errors import SegrankError  # noqa: E402
 
 TOL = 1e-4
+TIE = 2 * TOL  # a pixel whose two best PyTorch logits are closer than this may go either way in float32
 PATCH = 8
 EXPORT_SIZE = (48, 48)  # the position table's own grid: the example size that used to fix H and W in the graph
 DYNAMIC_SIZES = [(37, 61), (75, 29), (100, 83)]  # no multiple of the patch size, none equal to the example
@@ -72,10 +73,13 @@ def exported(tmp_path_factory):
 
 
 def pytorch_outputs(model, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """The graph's outputs as PyTorch computes them, its class map, and each pixel's top-two logit margin."""
     with torch.no_grad():
         output = model(image)
-        out = {"logits": model.to_input_size(output.mask_logits, image.shape[2:]).numpy(),
-               "labels": model.class_map(image).numpy()}
+        logits = model.to_input_size(output.mask_logits, image.shape[2:])
+        top2 = logits.topk(2, dim=1).values
+        out = {"logits": logits.numpy(), "labels": model.class_map(image).numpy(),
+               "margin": (top2[:, 0] - top2[:, 1]).numpy()}
     if output.class_index is not None:
         out["class_index"] = output.class_index.numpy()
         out["image_logits"] = output.image_logits.numpy()
@@ -94,8 +98,16 @@ def onnx_labels(out: dict[str, np.ndarray]) -> np.ndarray:
     return np.take_along_axis(out["class_index"], pred.reshape(len(pred), -1), axis=1).reshape(pred.shape)
 
 
+def assert_same_labels(ours: np.ndarray, ref: dict[str, np.ndarray]) -> None:
+    """Identical class ids, except at pixels where PyTorch's two best logits tie within TIE (measured: at most one
+    pixel per few thousand, with a margin of ~1e-7)."""
+    differ = ours != ref["labels"]
+    assert not (differ & (ref["margin"] > TIE)).any(), f"{int(differ.sum())} pixels differ, not all at a tie"
+    assert differ.mean() < 1e-3
+
+
 def assert_equal_outputs(session, model, image: torch.Tensor) -> float:
-    """Logits within TOL, identical class ids; returns max |Δlogit|."""
+    """Logits within TOL, identical class ids (up to float ties); returns max |Δlogit|."""
     ref, ours = pytorch_outputs(model, image), onnx_outputs(session, image)
     assert ours["logits"].shape == ref["logits"].shape
     diff = float(np.abs(ours["logits"] - ref["logits"]).max())
@@ -103,7 +115,7 @@ def assert_equal_outputs(session, model, image: torch.Tensor) -> float:
     if "class_index" in ref:
         np.testing.assert_array_equal(ours["class_index"], ref["class_index"])
         assert np.abs(ours["image_logits"] - ref["image_logits"]).max() <= TOL
-    np.testing.assert_array_equal(onnx_labels(ours), ref["labels"])
+    assert_same_labels(onnx_labels(ours), ref)
     return diff
 
 
@@ -165,9 +177,8 @@ def test_cli_dynamic_labels_graph_with_check(checkpoint, tmp_path, capsys):
     for size in [(50, 45), *DYNAMIC_SIZES]:
         image = torch.randn(2, 3, *size, generator=g)
         labels = session.run(None, {"image": image.numpy()})[0]
-        assert labels.dtype == np.int64
-        with torch.no_grad():
-            np.testing.assert_array_equal(labels, model.class_map(image).numpy())
+        assert labels.dtype == np.int64 and labels.shape == (2, *size)
+        assert_same_labels(labels, pytorch_outputs(model, image))
 
 
 def test_cli_check_mismatch_exits_2_and_writes_nothing(checkpoint, tmp_path, capsys):
