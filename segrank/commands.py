@@ -32,11 +32,11 @@ from segrank.engine.demo import run_demo
 from segrank.engine.evaluate import evaluate
 from segrank.engine.images import check_distinct_names, collect_inputs
 from segrank.engine.metrics import format_table
-from segrank.engine.onnx_export import export_onnx, min_dynamic_side, output_names
+from segrank.engine.onnx_export import export_onnx, graph_metadata, min_dynamic_side, output_names
 from segrank.engine.predictor import Predictor
 from segrank.engine.runtime import setup_distributed
 from segrank.engine.serve import serve
-from segrank.engine.settings import adopt_config_settings
+from segrank.engine.settings import adopt_config_settings, resolve_settings
 from segrank.engine.train import train
 from segrank.errors import CheckpointError, SegrankError
 
@@ -109,17 +109,23 @@ def export_onnx_command(args: argparse.Namespace) -> int:
     if not args.tol > 0:
         raise SegrankError(f"--tol: {args.tol}: must be positive")
     size = parse_size(args.size) if args.size else None
-    model = load_model(args.ckpt, format=args.format, config=args.config)
+    checkpoint = resolve_checkpoint(Path(args.ckpt))
+    model = load_model(checkpoint, format=args.format, config=args.config)
+    settings = resolve_settings(model, checkpoint)  # the normalisation `segrank predict` would use
     if size is None:  # the training crop: the size the position table was learnt at
         grid = model.cfg.backbone.pos_embed_grid
         size = (grid[0] * model.patch_size, grid[1] * model.patch_size)
     results = export_onnx(model, out, size, dynamic=args.dynamic, opset=args.opset, labels=args.labels,
-                          check_tol=args.tol if args.check else None)
+                          check_tol=args.tol if args.check else None,
+                          metadata=graph_metadata(settings.class_names, settings.mean, settings.std))
     for result in results:
         print(f"check {result.line()}")
     shape = f"H, W >= {min_dynamic_side(model)}" if args.dynamic else f"{size[0]}x{size[1]}"
-    print(f"wrote {out}: {describe(model)}; opset {args.opset}, input image float32 (B, 3, H, W) normalised, "
-          f"{shape}; outputs {', '.join(output_names(model, args.labels))}")
+    print(f"wrote {out}: {describe(model)}; opset {args.opset}, input image float32 (B, 3, {shape}); outputs "
+          f"{', '.join(output_names(model, args.labels))}")
+    guessed = any(note.startswith("normalisation") for note in settings.notes)
+    print(f"input normalisation: (RGB pixel - mean) / std, mean {settings.mean}, std {settings.std}"
+          + (" (a default: the checkpoint stores none)" if guessed else "") + "; stored in the file's metadata")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -74,6 +75,13 @@ class ExportGraph(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         return graph_outputs(self.model, self.model(image), (image.shape[2], image.shape[3]), self.labels)
+
+
+def graph_metadata(class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, str]:
+    """The file's metadata properties (JSON values): class names by id, and the input normalisation."""
+    return {"segrank.class_names": json.dumps(class_names), "segrank.mean": json.dumps(list(mean)),
+            "segrank.std": json.dumps(list(std)),
+            "segrank.input": "image: float32 (B, 3, H, W), RGB, (pixel on the 0-255 scale - mean) / std"}
 
 
 def validate_export(model: Segmentor, size: tuple[int, int], dynamic: bool, opset: int) -> None:
@@ -143,8 +151,10 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     labels: bool = False,
     check_tol: float | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[SizeCheck]:
-    """Write ``model`` (put in eval mode) as an ONNX graph to ``out``.
+    """Write ``model`` (put in eval mode) as an ONNX graph to ``out``, with ``metadata`` as the file's metadata
+    properties (``graph_metadata``: what a runtime needs to feed and read the graph).
 
     With ``check_tol``, onnxruntime first runs the graph against PyTorch (at ``check_sizes``) and ``out`` is
     written only when every size passes; the per-size results are returned.
@@ -155,6 +165,7 @@ def export_onnx(
     if check_tol is not None:
         require_packages(("onnxruntime",), "--check")
     program = export_program(model, size, dynamic, opset, labels)
+    program.model.metadata_props.update(metadata or {})
     results: list[SizeCheck] = []
 
     def write(tmp: Path) -> None:

@@ -8,6 +8,9 @@ per module. Sizes are chosen off the patch grid and away from the export example
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +23,7 @@ from segrank import build_model  # noqa: E402
 from segrank.checkpoints import save_model  # noqa: E402
 from segrank.cli import main  # noqa: E402
 from segrank.config import ModelConfig, from_dict  # noqa: E402
+from segrank.config.inference import InferenceConfig  # noqa: E402
 from segrank.engine.onnx_export import check_onnx, export_onnx, require_packages  # noqa: E402
 from segrank.errors import SegrankError  # noqa: E402
 
@@ -163,16 +167,24 @@ def checkpoint(tmp_path):
     return write
 
 
-def test_cli_dynamic_labels_graph_with_check(checkpoint, tmp_path, capsys):
-    ckpt, out = checkpoint("rankseg_pooled"), tmp_path / "labels.onnx"
+def test_cli_dynamic_labels_graph_with_check(tmp_path, capsys):
+    """Also: the checkpoint's class names and normalisation travel into the file's metadata."""
+    model = tiny_model("rankseg_pooled")
+    names = [f"class {i}" for i in range(model.num_classes)]
+    model.cfg = dataclasses.replace(model.cfg, class_names=names)
+    model.inference = InferenceConfig(mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+    ckpt, out = tmp_path / "m.safetensors", tmp_path / "labels.onnx"
+    save_model(model, ckpt)
     code = main(["export", "onnx", str(ckpt), "--out", str(out), "--size", "50", "45", "--dynamic", "--labels",
                  "--check"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert printed.count("check ") == 3 and "labels agree 100.0000 %" in printed
+    assert printed.count("check ") == 3 and printed.count("labels agree") == 3  # the export size and two more
     session = session_of(str(out))
     assert [o.name for o in session.get_outputs()] == ["labels"]
-    model = tiny_model("rankseg_pooled")
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["segrank.class_names"]) == names
+    assert json.loads(meta["segrank.mean"]) == [120, 110, 100] and json.loads(meta["segrank.std"]) == [60, 50, 40]
     g = torch.Generator().manual_seed(3)
     for size in [(50, 45), *DYNAMIC_SIZES]:
         image = torch.randn(2, 3, *size, generator=g)
