@@ -47,6 +47,13 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def command_group(sub: argparse._SubParsersAction, name: str, help: str, metavar: str = "ACTION"
+                  ) -> argparse._SubParsersAction:
+    """A command whose sub-commands (``segrank NAME ACTION``) are added to the returned action."""
+    parser = sub.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_action", metavar=metavar, required=True)
+
+
 def _set_option(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value, e.g. --set {example} (repeatable)")
@@ -87,8 +94,7 @@ def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_export_commands(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("export", help="export a model for deployment")
-    formats = parser.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    formats = command_group(sub, "export", "export a model for deployment", "FORMAT")
     p = formats.add_parser("onnx", help="ONNX graph (needs the onnx extra: pip install 'segrank[onnx]'); see "
                                         "docs/deployment.md")
     p.add_argument("ckpt", help="model checkpoint (native .safetensors, mmseg .pth, official Segmenter)")
@@ -171,8 +177,7 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--workers", type=positive_int, default=default_workers(),
                        help=f"processes that {verb} images in parallel (default: min(4, CPUs) = %(default)s)")
 
-    parser = sub.add_parser("datasets", help="list, check and prepare datasets")
-    actions = parser.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
+    actions = command_group(sub, "datasets", "list, check and prepare datasets")
 
     p = actions.add_parser("list", help="the known datasets with their classes, ignore value and normalisation")
     p.set_defaults(func=commands.datasets_list)
@@ -206,8 +211,7 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("benchmark", help="speed and memory benchmarks (JSON records)")
-    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    benches = command_group(sub, "benchmark", "speed and memory benchmarks (JSON records)", "BENCHMARK")
 
     def bench(name: str, help: str, func: Callable[[argparse.Namespace], int], device: bool = True
               ) -> argparse.ArgumentParser:
@@ -261,8 +265,7 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_config_commands(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("config", help="inspect configs (every key and its allowed values: docs/config.md)")
-    actions = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    actions = command_group(sub, "config", "inspect configs (every key and its allowed values: docs/config.md)")
     p = actions.add_parser("show", help="print the resolved config (bases merged, overrides applied, values checked) "
                                         "as YAML; it loads again as a config file")
     p.add_argument("config", help="YAML config file")
