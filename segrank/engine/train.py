@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segrank import files
 from segrank.checkpoints.vit_weights import load_backbone_weights
 from segrank.config import Config, ConfigError, TrainConfig
 from segrank.data import DatasetInfo, build_dataset, dataset_info
@@ -49,6 +50,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     "stopped" (by a signal)}."""
     cfg = copy.deepcopy(cfg)  # class names get filled in below
     work_dir, tc = Path(work_dir), cfg.train
+    files.ensure_writable(work_dir, folder=True)
     env = setup_distributed(device)
     # torchrun restarts the worker group after a failure (--max-restarts), SLURM may requeue a pre-empted job: a later
     # start of the torchrun job that created the work dir continues it from the latest checkpoint (the run of another
