@@ -168,7 +168,7 @@ def train_command(args: argparse.Namespace) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not result["stopped"]:
+    if not result["stopped"] and result["rank"] == 0:  # under torchrun, one report
         print(f"segrank train: finished {result['step']} iterations; weights: {result['checkpoint']}")
     return 0
 
