@@ -23,7 +23,7 @@ from segrank.benchmarks.forward import bench_forward
 from segrank.benchmarks.measure import count_flops, machine_info
 from segrank.benchmarks.train_step import bench_train_step
 from segrank.checkpoints import describe, load_model, resolve_checkpoint, save_model, save_pretrained
-from segrank.config import load_config, load_yaml, to_dict
+from segrank.config import ModelConfig, load_config, load_yaml, to_dict
 from segrank.config.inference import InferenceConfig
 from segrank.data import DATASETS, build_dataset, dataset_info
 from segrank.data.check import check_dataset, format_report
@@ -182,14 +182,12 @@ def demo(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    model_sets = [item for item in args.set if item.split("=", 1)[0].strip().split(".")[0] == "model"]
-    if model_sets and not args.use_config_model:
-        raise SegrankError(f"--set {model_sets[0]}: eval takes the model from the checkpoint, which this value would "
-                           "not change; add --use-config-model to build the model from the config")
     out = Path(args.out) if args.out else resolve_checkpoint(Path(args.checkpoint)).with_suffix(".eval.json")
     ensure_outputs_writable(out)  # before hours of evaluation, not after
     info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
     model = load_model(args.checkpoint, config=cfg.model if args.use_config_model else None)
+    if not args.use_config_model:
+        check_model_overrides(args.set, cfg.model, model.cfg)
     if model.num_classes != info.num_classes:
         raise SegrankError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
                            f"{cfg.data.dataset!r} has {info.num_classes}")
@@ -215,6 +213,30 @@ def eval_command(args: argparse.Namespace) -> int:
         written = write_eval_outputs(out, results, hist, info.classes)
         print(f"segrank eval: results written to {out} (with {', '.join(p.name for p in written[1:])})")
     return 0
+
+
+def check_model_overrides(overrides: list[str], config_model: ModelConfig, checkpoint_model: ModelConfig) -> None:
+    """Refuse a ``--set model.KEY=VALUE`` that the checkpoint's model contradicts: eval would silently ignore it.
+    Values the checkpoint already has are accepted (the same --set list as for training)."""
+
+    def at(tree: Any, path: list[str]) -> Any:
+        for part in path:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        if isinstance(tree, dict):  # a preset stands for the sizes it fills in; class names come from the dataset
+            return {k: at(v, []) for k, v in tree.items() if k not in ("preset", "class_names")}
+        return tree
+
+    given, stored = to_dict(config_model), to_dict(checkpoint_model)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        path = key.split(".")[1:]
+        if key.split(".")[0] != "model" or path[-1:] == ["class_names"]:
+            continue
+        path = path[:-1] if path[-1:] == ["preset"] else path
+        if at(given, path) != at(stored, path):
+            raise SegrankError(f"--set {item}: the checkpoint's model has {'.'.join(['model', *path])} = "
+                               f"{at(stored, path)!r} and eval takes the model from the checkpoint; add "
+                               "--use-config-model to build it from the config")
 
 
 def announce_defaults(command: str, predictor: Predictor) -> None:
