@@ -336,18 +336,24 @@ def error_line(err: SegrankError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except UsageError as err:
         print(err, file=sys.stderr)
+        return 2
+    # "segrank datasets check", as argparse names a sub-command in its own errors
+    name = " ".join(n for n in (args.command, getattr(args, "datasets_command", None), getattr(args, "bench", None))
+                    if n)
+    if unknown:  # named after the sub-command whose flags they are not
+        print(f"segrank {name}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         return int(func(args) or 0)
     except SegrankError as err:
-        print(f"segrank {args.command}: error: {error_line(err)}", file=sys.stderr)
+        print(f"segrank {name}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"segrank {args.command}: interrupted", file=sys.stderr)
+        print(f"segrank {name}: interrupted", file=sys.stderr)
         return 130
 
 
