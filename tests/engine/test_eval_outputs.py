@@ -60,9 +60,9 @@ def test_eval_writes_table_matrix_and_chart(setup, tmp_path, capsys):
         assert chart.format == "PNG" and chart.size[0] > 300
     # The default print is a summary naming the worst-confused pair, not the table.
     (a, b, share, _), *_ = most_confused(torch.from_numpy(hist), 1)
-    assert re.search(r"aAcc [\d.]+  mIoU [\d.]+  mAcc [\d.]+", printed)
+    assert re.search(r"aAcc [\d.]+ %  mIoU [\d.]+ %  mAcc [\d.]+ %", printed)
     assert f"most confused: c{a} -> c{b} {100 * share:.1f}%" in printed
-    assert "class    IoU" not in printed
+    assert not re.search(r"^class +IoU", printed, re.M)
     assert main(["eval", config, ckpt, "--out", out, "--no-progress", "--per-class"]) == 0
     table = capsys.readouterr().out
     assert all(re.search(rf"^c{i} +(-|[\d.]+) +(-|[\d.]+)$", table, re.M) for i in range(6))
