@@ -20,6 +20,7 @@ CASES: dict[str, Case] = {}
 
 
 def case(func: Case) -> Case:
+    assert func.__name__ not in CASES, f"two bad-input cases named {func.__name__}"
     CASES[func.__name__] = func
     return func
 

@@ -123,12 +123,8 @@ def oracle_flag_on_model_without_oracle_head(tmp):
 
 # Refused by the flag's type, before the command runs: (arguments, with {t} for the tmp dir; expected text).
 FLAG_CASES = {
-    "predict_std_zero": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --std 0 1 1",
-                         "argument --std: must be > 0, got 0"),
     "predict_mean_nan": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --mean nan 0 0",
                          "argument --mean: expected a finite number, got 'nan'"),
-    "predict_img_scale_zero": ("predict {t}/m.safetensors {t}/a.jpg --out {t}/o --img-scale 0 0",
-                               "argument --img-scale: must be >= 1, got 0"),
     "predict_without_out": ("predict {t}/m.safetensors {t}/a.jpg", "the following arguments are required: --out"),
     "eval_batch_size_zero": ("eval {t}/c.yaml {t}/m.safetensors --batch-size 0",
                              "argument --batch-size: must be >= 1, got 0"),
@@ -140,6 +136,10 @@ FLAG_CASES = {
                                        "argument --image-size: expected 2 comma-separated integers, got '32'"),
     "benchmark_negative_workers": ("benchmark data --workers -1", "argument --workers: must be >= 0, got -1"),
     "train_unknown_flag": ("train {t}/c.yaml --max-iters 5", "unrecognized arguments: --max-iters 5"),
+    "serve_port_out_of_range": ("serve {t}/m.safetensors --port 70000", "argument --port: must be <= 65535, got 70000"),
+    "serve_upload_limit_inf": ("serve {t}/m.safetensors --max-upload-mb inf",
+                               "argument --max-upload-mb: expected a finite number, got 'inf'"),
 }
 for _name, (_line, _expected) in FLAG_CASES.items():
+    assert _name not in CASES, _name
     CASES[_name] = lambda tmp, line=_line, expected=_expected: (line.format(t=tmp).split(), expected)
