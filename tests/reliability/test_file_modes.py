@@ -31,6 +31,7 @@ def test_every_output_gets_the_umask_mode(mask, umask, tmp_path, capsys):
         ["eval", config, weights, "--out", out / "eval" / "results.json", "--no-progress"],
         ["predict", weights, root / "images", "--out", out / "pred", "--no-progress"],
         ["convert", weights, "--out", out / "converted.safetensors"],
+        ["convert", weights, "--out", out / "pretrained"],  # save_pretrained layout: config.json + model.safetensors
     ]
     for args in commands:
         code, _, err = run_cli(args, capsys)
