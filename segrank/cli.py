@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from segrank import commands
+from segrank import __version__, commands
 from segrank.benchmarks.measure import AMP_DTYPES, BACKBONES
 from segrank.checkpoints import FORMATS
 from segrank.data import DATASETS
@@ -19,32 +21,62 @@ from segrank.engine.onnx_export import DEFAULT_OPSET
 from segrank.errors import SegrankError
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class UsageError(Exception):
+    """A flag argparse refuses; ``main`` prints it as one line, like every other bad input."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message}")
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+class Parser(argparse.ArgumentParser):
+    """argparse prints its usage block before a refused flag; segrank's bad input is one line (``--help`` shows the
+    usage), so the error is raised for ``main`` to print. Sub-command parsers inherit this class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
 
 
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
-    return value
+def number(kind: type, minimum: float | None = None, above: bool = False, maximum: float | None = None
+           ) -> Callable[[str], Any]:
+    """An argparse type: an int or a finite float, at least ``minimum`` (greater than it when ``above``), at most
+    ``maximum``."""
+    bound = None if minimum is None else (f"> {minimum}" if above else f">= {minimum}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
+        return value
+
+    return parse
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0, above=True)
+finite_float = number(float)
+port_number = number(int, 0, maximum=65535)
+
+
+def positive_ints(length: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers >= 1 (``length`` of them when given), e.g. ``150,1284``."""
+
+    def parse(text: str) -> list[int]:
+        values = [positive_int(v.strip()) for v in text.split(",") if v.strip()]
+        if not values or (length is not None and len(values) != length):
+            count = f"{length}" if length is not None else "one or more"
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}")
+        return values
+
+    return parse
 
 
 def command_group(sub: argparse._SubParsersAction, name: str, help: str, metavar: str = "ACTION"
@@ -67,9 +99,9 @@ def _test_settings_options(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--slide", dest="mode", action="store_const", const="slide", help="sliding-window inference")
     mode.add_argument("--whole", dest="mode", action="store_const", const="whole", help="whole-image inference")
-    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0-255)")
-    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0-255)")
-    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio test scale")
+    p.add_argument("--mean", type=finite_float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean (0-255)")
+    p.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (0-255)")
+    p.add_argument("--img-scale", type=positive_int, nargs=2, metavar=("LONG", "SHORT"), help="keep-ratio test scale")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
 
 
@@ -86,10 +118,15 @@ def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=commands.convert)
 
-    p = sub.add_parser("info", help="describe a checkpoint: architecture, classes, parameters")
+    p = sub.add_parser("info", help="describe a checkpoint: architecture, classes, parameters, GFLOPs at the test "
+                                    "size")
     p.add_argument("ckpt")
     p.add_argument("--format", choices=["auto", *FORMATS], default="auto")
-    p.add_argument("--config", help="YAML config for formats that do not carry their architecture")
+    p.add_argument("--config", help="YAML config for formats that do not carry their architecture; its test settings "
+                                    "give the size of the FLOPs count")
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
+                   help="count FLOPs for an H x W input (default: the test window, or a square image at the test "
+                        "scale)")
     p.set_defaults(func=commands.info)
 
 
@@ -128,12 +165,13 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train and compare a small Segmenter and Segmenter + RankSeg on built-in "
                                     "synthetic data (CPU, a few minutes), then write a report")
     p.add_argument("--out", default="demo_output", help="report folder (default: demo_output); must be new or empty")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of data, initialisation and order (default: 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     # Reduced budgets for tests.
-    p.add_argument("--iters", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--val-images", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--val-images", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a config's validation set (mIoU, aAcc, mAcc); under "
@@ -146,7 +184,10 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     _set_option(p, "eval.mode=whole")
     p.add_argument("--use-config-model", action="store_true",
                    help="build the model from the config's model section instead of the checkpoint's")
-    p.add_argument("--out", help="results JSON (default: <checkpoint>.eval.json)")
+    p.add_argument("--out", help="results JSON (default: <checkpoint>.eval.json); the per-class table "
+                                 "(.per_class.csv), the confusion matrix (.confusion.npy) and a chart of the most "
+                                 "confused classes (.confusion.png) are written beside it")
+    p.add_argument("--per-class", action="store_true", help="print the per-class IoU/Acc table (default: a summary)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--batch-size", type=positive_int, help="windows per forward pass (default: eval.batch_size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -186,7 +227,7 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=[n for n in DATASETS if n != "synthetic"])
     p.add_argument("root", type=Path)
     p.add_argument("--split", action="append", help="check only this split (repeatable)")
-    p.add_argument("--top", type=int, default=20, help="classes shown in the histogram")
+    p.add_argument("--top", type=positive_int, default=20, help="classes shown in the histogram")
     workers(p, "read")
     p.set_defaults(func=commands.datasets_check)
 
@@ -217,7 +258,7 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
               ) -> argparse.ArgumentParser:
         p = benches.add_parser(name, help=help)
         p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
         if device:
             p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         p.set_defaults(func=func, device="cpu")
@@ -236,7 +277,7 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
               commands.benchmark_forward)
     backbone(p, "vit_b16")
     p.add_argument("--size", type=positive_int, default=512, help="square input side")
-    p.add_argument("--classes", type=int_list, default=[150, 1284], help="comma-separated N")
+    p.add_argument("--classes", type=positive_ints(), default=[150, 1284], help="comma-separated N")
     models(p)
     reps(p)
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
@@ -245,22 +286,22 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     backbone(p, "vit_t16")
     p.add_argument("--size", type=positive_int, default=512, help="square crop side")
     p.add_argument("--classes", type=positive_int, default=150, help="number of classes N")
-    p.add_argument("--batch", type=int_list, default=[1, 2, 8], help="comma-separated batch sizes")
+    p.add_argument("--batch", type=positive_ints(), default=[1, 2, 8], help="comma-separated batch sizes")
     models(p)
     reps(p)
 
     p = bench("eval-memory", "peak memory and time of one image's slide ms+flip test, sparse vs dense RankSeg",
               commands.benchmark_eval_memory)
     backbone(p, "vit_t16")
-    p.add_argument("--classes", type=int_list, default=[150, 847, 1284], help="comma-separated N")
-    p.add_argument("--image-size", type=int_list, default=[512, 683], help="test image H,W")
+    p.add_argument("--classes", type=positive_ints(), default=[150, 847, 1284], help="comma-separated N")
+    p.add_argument("--image-size", type=positive_ints(2), default=[512, 683], help="test image H,W")
     reps(p)
 
     p = bench("data", "images/s of the reference train pipeline, in process and through a DataLoader",
               commands.benchmark_data, device=False)
     p.add_argument("--size", type=positive_int, default=512, help="crop side")
     p.add_argument("--images", type=positive_int, default=64, help="images to push through the pipeline")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers")
     p.add_argument("--batch-size", type=positive_int, default=8, help="DataLoader batch size")
 
 
@@ -274,7 +315,8 @@ def add_config_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
+    parser = Parser(prog="segrank", description="Segmenter and RankSeg semantic segmentation")
+    parser.add_argument("--version", action="version", version=f"segrank {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_checkpoint_commands(sub)  # convert, info
     add_export_commands(sub)  # export onnx
@@ -296,15 +338,25 @@ def error_line(err: SegrankError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    # "segrank datasets check", as argparse names a sub-command in its own errors
+    name = " ".join(n for n in (args.command, getattr(args, "datasets_command", None), getattr(args, "bench", None))
+                    if n)
+    if unknown:  # named after the sub-command whose flags they are not
+        print(f"segrank {name}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         return int(func(args) or 0)
     except SegrankError as err:
-        print(f"segrank {args.command}: error: {error_line(err)}", file=sys.stderr)
+        print(f"segrank {name}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"segrank {args.command}: interrupted", file=sys.stderr)
+        print(f"segrank {name}: interrupted", file=sys.stderr)
         return 130
 
 

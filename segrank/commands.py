@@ -20,18 +20,19 @@ from segrank import files
 from segrank.benchmarks.data import bench_data
 from segrank.benchmarks.eval_memory import bench_eval_memory
 from segrank.benchmarks.forward import bench_forward
-from segrank.benchmarks.measure import machine_info
+from segrank.benchmarks.measure import count_flops, machine_info
 from segrank.benchmarks.train_step import bench_train_step
 from segrank.checkpoints import describe, load_model, resolve_checkpoint, save_model, save_pretrained
-from segrank.config import load_config, to_dict
+from segrank.config import ModelConfig, load_config, load_yaml, to_dict
 from segrank.config.inference import InferenceConfig
 from segrank.data import DATASETS, build_dataset, dataset_info
 from segrank.data.check import check_dataset, format_report
 from segrank.data.convert import prepare
 from segrank.engine.demo import run_demo
-from segrank.engine.evaluate import evaluate
+from segrank.engine.eval_outputs import ensure_outputs_writable, write_eval_outputs
+from segrank.engine.evaluate import confusion, results_of
 from segrank.engine.images import check_distinct_names, collect_inputs
-from segrank.engine.metrics import format_table
+from segrank.engine.metrics import format_summary, format_table
 from segrank.engine.onnx_export import export_onnx, graph_metadata, min_dynamic_side, output_names
 from segrank.engine.predictor import Predictor
 from segrank.engine.runtime import setup_distributed
@@ -39,6 +40,7 @@ from segrank.engine.serve import serve
 from segrank.engine.settings import adopt_config_settings, resolve_settings
 from segrank.engine.train import train
 from segrank.errors import CheckpointError, SegrankError
+from segrank.models.segmentor import Segmentor
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -51,6 +53,7 @@ def convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{out}: already exists (use --force to overwrite)")
     if folder and out.is_file():
         raise CheckpointError(f"{out}: is a file; --out is a .safetensors file or a folder")
+    files.ensure_writable(out, folder=folder)
     model = load_model(args.src, format=args.format, config=args.config)
     if args.config is not None and adopt_config_settings(model, Path(args.config)):
         print(f"segrank convert: test settings and class names from {args.config}")
@@ -84,7 +87,31 @@ def info(args: argparse.Namespace) -> int:
     unknown = [k for k in inference.missing() if k != "palette"]  # without one, a palette is generated
     if unknown:
         print(f"not stored: {', '.join(unknown)} (prediction announces the defaults it uses)")
+    count = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("backbone", "decode_head")}
+    print(f"parameters: {sum(count.values()):,} (backbone {count['backbone']:,}, head {count['decode_head']:,})")
+    (height, width), what = test_size(model, Path(args.ckpt), args.config, args.size)
+    images = torch.zeros(1, 3, height, width)
+    # A GT-oracle head takes the image's classes: count it with as many as its top-k slots.
+    present = (torch.arange(model.num_classes) < cfg.head.topk)[None] if model.needs_present_classes else None
+    with torch.no_grad():
+        flops = count_flops(lambda: model.class_map(images, present=present))
+    print(f"GFLOPs: {flops / 1e9:.4g} for {what} of {height}x{width} pixels, to the class map (a multiply-add counts "
+          "2, torch.utils.flop_counter)")
     return 0
+
+
+def test_size(model: Segmentor, checkpoint: Path, config: str | None, size: list[int] | None
+              ) -> tuple[tuple[int, int], str]:
+    """The input one forward pass sees at test time, and what it is: ``--size``, else the sliding window or, for
+    whole-image inference, a square image at the test scale, as ``segrank predict`` would find them (a config
+    with only a model section gives no test settings)."""
+    if size is not None:
+        return (size[0], size[1]), "an input (--size)"
+    settings = resolve_settings(model, checkpoint, config if config and "data" in load_yaml(config) else None)
+    if settings.eval.mode == "slide":
+        return tuple(settings.eval.crop_size), "one sliding window"
+    short = min(settings.img_scale)
+    return (short, short), "a square image at the test scale"
 
 
 def parse_size(values: list[str]) -> tuple[int, int]:
@@ -141,7 +168,7 @@ def train_command(args: argparse.Namespace) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if not result["stopped"]:
+    if not result["stopped"] and result["rank"] == 0:  # under torchrun, one report
         print(f"segrank train: finished {result['step']} iterations; weights: {result['checkpoint']}")
     return 0
 
@@ -155,34 +182,61 @@ def demo(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else resolve_checkpoint(Path(args.checkpoint)).with_suffix(".eval.json")
+    ensure_outputs_writable(out)  # before hours of evaluation, not after
     info = dataset_info(cfg.data.dataset, cfg.data.options, cfg.data.root)
     model = load_model(args.checkpoint, config=cfg.model if args.use_config_model else None)
+    if not args.use_config_model:
+        check_model_overrides(args.set, cfg.model, model.cfg)
     if model.num_classes != info.num_classes:
         raise SegrankError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
                            f"{cfg.data.dataset!r} has {info.num_classes}")
     if args.oracle and not model.needs_present_classes:
-        raise SegrankError(f"--oracle: {args.checkpoint} is not a GT-oracle model (head type rankseg_gt)")
-    out = Path(args.out) if args.out else resolve_checkpoint(Path(args.checkpoint)).with_suffix(".eval.json")
-    if out.is_dir():
-        raise SegrankError(f"--out {out}: is a folder, expected a file name")
+        raise SegrankError(f"--oracle: {args.checkpoint} has a {model.cfg.head.type!r} head; GT-oracle evaluation "
+                           "needs a model whose head type is 'rankseg_gt'")
     env = setup_distributed(args.device)  # torchrun: each process evaluates a share of the images
     try:
         dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
         eval_cfg = cfg.eval if args.batch_size is None else dataclasses.replace(cfg.eval, batch_size=args.batch_size)
-        results = evaluate(model.to(env.device), dataset, eval_cfg, num_classes=info.num_classes,
-                           ignore_index=info.ignore_index, class_names=info.classes, oracle=args.oracle,
-                           ms_flip=args.ms_flip, device=env.device, progress=env.main and not args.no_progress,
-                           img_scale=cfg.data.img_scale, workers=cfg.data.workers)
+        hist, recall = confusion(model.to(env.device), dataset, eval_cfg, num_classes=info.num_classes,
+                                 ignore_index=info.ignore_index, oracle=args.oracle, ms_flip=args.ms_flip,
+                                 device=env.device, progress=env.main and not args.no_progress,
+                                 img_scale=cfg.data.img_scale, workers=cfg.data.workers)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if env.main:
+        results = results_of(hist, recall, len(dataset), info.classes)
         results |= {"checkpoint": str(args.checkpoint), "config": str(args.config), "ms_flip": args.ms_flip,
                     "oracle": args.oracle}
-        print(format_table(results, info.classes))
-        files.write_json(out, results, indent=1)
-        print(f"segrank eval: results written to {out}")
+        print(format_table(results, info.classes) if args.per_class else format_summary(results, hist, info.classes))
+        written = write_eval_outputs(out, results, hist, info.classes)
+        print(f"segrank eval: results written to {out} (with {', '.join(p.name for p in written[1:])})")
     return 0
+
+
+def check_model_overrides(overrides: list[str], config_model: ModelConfig, checkpoint_model: ModelConfig) -> None:
+    """Refuse a ``--set model.KEY=VALUE`` that the checkpoint's model contradicts: eval would silently ignore it.
+    Values the checkpoint already has are accepted (the same --set list as for training)."""
+
+    def at(tree: Any, path: list[str]) -> Any:
+        for part in path:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        if isinstance(tree, dict):  # a preset stands for the sizes it fills in; class names come from the dataset
+            return {k: at(v, []) for k, v in tree.items() if k not in ("preset", "class_names")}
+        return tree
+
+    given, stored = to_dict(config_model), to_dict(checkpoint_model)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        path = key.split(".")[1:]
+        if key.split(".")[0] != "model" or path[-1:] == ["class_names"]:
+            continue
+        path = path[:-1] if path[-1:] == ["preset"] else path
+        if at(given, path) != at(stored, path):
+            raise SegrankError(f"--set {item}: the checkpoint's model has {'.'.join(['model', *path])} = "
+                               f"{at(stored, path)!r} and eval takes the model from the checkpoint; add "
+                               "--use-config-model to build it from the config")
 
 
 def announce_defaults(command: str, predictor: Predictor) -> None:
@@ -196,8 +250,7 @@ def predict(args: argparse.Namespace) -> int:
     paths = collect_inputs(args.inputs)
     check_distinct_names(paths)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SegrankError(f"--out {out}: exists and is not a folder")
+    files.ensure_writable(out, folder=True)
     predictor = Predictor(args.checkpoint, device=args.device or "auto", ms_flip=args.ms_flip,
                           batch_size=args.batch_size or 1, config=args.config, mean=args.mean, std=args.std,
                           img_scale=args.img_scale, mode=args.mode, warn=False)
@@ -248,6 +301,7 @@ def datasets_check(args: argparse.Namespace) -> int:
 def datasets_prepare(args: argparse.Namespace) -> int:
     if not args.src.is_dir():
         raise SegrankError(f"{args.src}: source directory not found")
+    files.ensure_writable(args.dst, folder=True)
     extra = {"categories": args.categories} if args.name == "ade20k_full" else {}
     done = prepare(args.name, args.src, args.dst, workers=args.workers, progress=not args.no_progress, **extra)
     speed = f", {done.images_per_s:.1f} images/s" if done.converted else ""

@@ -1,12 +1,14 @@
 """The one place that reads and writes files: atomic writes, safe checkpoint readers, strict state-dict loading.
 
 Every write goes through a temp file in the destination folder and a rename, so a killed process never leaves a
-half-written file under the final name. Pickled files are only read with ``torch.load(weights_only=True)``: loading a
-file can never run code.
+half-written file under the final name; the file gets the mode any other tool would give it under the process's
+umask. Commands call ``ensure_writable`` on their destinations before they start the work. Pickled files are only read
+with ``torch.load(weights_only=True)``: loading a file can never run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +28,16 @@ from torch import Tensor
 from segrank.errors import CheckpointError, SegrankError
 
 
+def current_umask() -> int:
+    """The process's umask. Read from /proc where the kernel shows it: setting and restoring it with ``os.umask``
+    would briefly leave another thread creating files with umask 0."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` to a temp file in ``path``'s folder, then rename it to ``path``. The temp name keeps the
     suffix, so writers that pick a format from the file name (PIL, numpy) still work."""
@@ -35,6 +47,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates the file 0600 whatever the umask, and some writers (safetensors) replace it by their own
+        # 0600 temp file: give the output the mode any tool would give a new file, as colleagues expect.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,6 +66,27 @@ def remove_temps(folder: Path) -> int:
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def ensure_writable(path: Path, folder: bool = False) -> None:
+    """Refuse, before any work starts, a destination that cannot be written: a file ``path`` (``folder=False``) or a
+    folder ``path`` that may not exist yet. Creates nothing; the error names ``path``."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise SegrankError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise SegrankError(f"{path}: is a folder, expected a file name")
+    target = path if folder else path.parent
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise SegrankError(f"{path}: cannot be created, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SegrankError(f"{path}: cannot write, {existing} is not writable")
+    try:  # a read-only file system, or rights that os.access does not see (e.g. ACLs, root on NFS)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise SegrankError(f"{path}: cannot write in {existing} ({err.strerror})") from None
 
 
 def write_text(path: Path, text: str) -> None:

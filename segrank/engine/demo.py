@@ -75,7 +75,9 @@ def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise SegrankError(f"{out}: exists and is not empty (remove it, pass --force, or choose another --out)")
+        files.ensure_writable(out.parent, folder=True)  # before deleting the old report
         shutil.rmtree(out) if out.is_dir() else out.unlink()
+    files.ensure_writable(out, folder=True)
     clock = time.perf_counter()
     print(f"segrank demo: pretraining the shared backbone ({pretrain_iters} iterations of {BATCH} images)", flush=True)
     stage0 = _train_stage(demo_config("linear", seed, pretrain_iters, val_images), out / "backbone", device)

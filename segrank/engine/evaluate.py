@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -35,7 +36,40 @@ def evaluate(
     workers: int = 0,
 ) -> dict[str, Any]:
     """aAcc, mIoU, mAcc, per-class ``IoU``/``Acc`` (fractions, NaN where undefined) and, for RankSeg models,
-    ``image_recall``: the mean over images of the share of the label's classes selected in some window/augmentation.
+    ``image_recall`` (see ``confusion``)."""
+    hist, recall = confusion(model, dataset, cfg, num_classes=num_classes, ignore_index=ignore_index, oracle=oracle,
+                             ms_flip=ms_flip, device=device, progress=progress, img_scale=img_scale, workers=workers)
+    return results_of(hist, recall, len(dataset), class_names)
+
+
+def results_of(hist: Tensor, image_recall: float | None, num_images: int,
+               class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The results record of a confusion matrix (``metrics.summarize``) with the image recall and counts."""
+    results = summarize(hist)
+    if image_recall is not None:
+        results["image_recall"] = image_recall
+    results["num_images"] = num_images
+    if class_names is not None:
+        results["class_names"] = list(class_names)
+    return results
+
+
+def confusion(
+    model: Segmentor,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    oracle: bool = False,
+    ms_flip: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    img_scale: tuple[int, int] | None = None,
+    workers: int = 0,
+) -> tuple[Tensor, float | None]:
+    """The (N, N) int64 confusion matrix ``hist[label, prediction]`` over the dataset and, for RankSeg models, the
+    image recall: the mean over images of the share of the label's classes selected in some window/augmentation.
 
     Items are dicts with ``image`` (3, H, W) normalised at test size and ``label`` (H0, W0) at the original size.
     Under torch.distributed each process takes every world-th image and the counts are summed over processes.
@@ -69,10 +103,4 @@ def evaluate(
         model.train(was_training)
     all_reduce_(hist)
     all_reduce_(recall)
-    results = summarize(hist)
-    if recall[1] > 0:
-        results["image_recall"] = float(recall[0] / recall[1])
-    results["num_images"] = len(dataset)
-    if class_names is not None:
-        results["class_names"] = list(class_names)
-    return results
+    return hist.cpu(), float(recall[0] / recall[1]) if recall[1] > 0 else None

@@ -65,15 +65,52 @@ def format_table(results: dict[str, Any], class_names: Sequence[str] | None = No
     iou, acc = results["IoU"], results["Acc"]
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
     width = max([5, *(len(n) for n in names)])
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
-
     lines = [f"{'class':<{width}}  {'IoU (%)':>7}  {'Acc (%)':>7}", "-" * (width + 18)]
-    lines += [f"{n:<{width}}  {pct(i):>7}  {pct(a):>7}" for n, i, a in zip(names, iou, acc, strict=True)]
+    lines += [f"{n:<{width}}  {_pct(i):>7}  {_pct(a):>7}" for n, i, a in zip(names, iou, acc, strict=True)]
     lines.append("-" * (width + 18))
-    summary = f"aAcc {pct(results['aAcc'])} %  mIoU {pct(results['mIoU'])} %  mAcc {pct(results['mAcc'])} %"
-    if "image_recall" in results:
-        summary += f"  image recall@k {pct(results['image_recall'])} %"
-    lines.append(summary)
+    lines.append(_totals(results))
     return "\n".join(lines)
+
+
+def most_confused(hist: Tensor, top: int) -> list[tuple[int, int, float, int]]:
+    """The ``top`` (label, prediction) pairs of different classes with the largest share of the label class's pixels
+    predicted as the other class: (label, prediction, share, pixels), largest share first, pairs of no pixel left out.
+    A share of the row, not a pixel count, because mIoU weighs every class equally."""
+    hist = hist.double().cpu()
+    rate = hist / hist.sum(1, keepdim=True).clamp(min=1)
+    rate.fill_diagonal_(0)
+    rate[hist == 0] = 0
+    count = min(top, int((rate > 0).sum()))
+    values, flat = rate.flatten().topk(count)
+    n = hist.shape[0]
+    return [(i // n, i % n, float(v), int(hist[i // n, i % n])) for v, i in zip(values.tolist(), flat.tolist(),
+                                                                               strict=True)]
+
+
+def format_summary(results: dict[str, Any], hist: Tensor, class_names: Sequence[str] | None = None,
+                   top: int = 5) -> str:
+    """The totals, the ``top`` classes of lowest IoU and the ``top`` most confused pairs (with the share of the label
+    class's pixels), in percent."""
+    iou = results["IoU"]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
+    seen = [(v, i) for i, v in enumerate(iou) if v is not None and not math.isnan(v)]
+    lines = [_totals(results) + f"  ({len(seen)} of {len(iou)} classes present, {results['num_images']} images)"]
+    if seen:
+        lowest = sorted(seen)[:top]
+        lines.append("lowest IoU (%): " + ", ".join(f"{names[i]} {100 * v:.2f}" for v, i in lowest))
+    pairs = most_confused(hist, top)
+    if pairs:
+        lines.append("most confused: " + ", ".join(f"{names[a]} -> {names[b]} {100 * share:.1f}%"
+                                                   for a, b, share, _ in pairs))
+    return "\n".join(lines)
+
+
+def _totals(results: dict[str, Any]) -> str:
+    line = f"aAcc {_pct(results['aAcc'])} %  mIoU {_pct(results['mIoU'])} %  mAcc {_pct(results['mAcc'])} %"
+    if "image_recall" in results:
+        line += f"  image recall@k {_pct(results['image_recall'])} %"
+    return line
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"

@@ -117,3 +117,24 @@ def prediction_grid(rows: list[list[np.ndarray]], titles: Sequence[str], path: P
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def confused_pairs_chart(pairs: Sequence[tuple[int, int, float, int]], class_names: Sequence[str], path: Path
+                         ) -> Path:
+    """Horizontal bars of the most confused (label, prediction, share, pixels) pairs, largest share on top."""
+    fig = Figure(figsize=(7.0, 1.0 + 0.3 * max(1, len(pairs))))
+    ax = fig.subplots()
+    if pairs:
+        y = np.arange(len(pairs))[::-1]
+        ax.barh(y, [100 * share for _, _, share, _ in pairs], color="tab:red")
+        ax.set_yticks(y, [f"{class_names[a]} -> {class_names[b]}" for a, b, _, _ in pairs], fontsize=8)
+        for yi, (_, _, share, pixels) in zip(y, pairs, strict=True):
+            ax.text(100 * share, yi, f" {pixels} px", va="center", fontsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    else:
+        ax.text(0.5, 0.5, "no pixel of any class was predicted as another class", ha="center", va="center")
+        ax.set_yticks([])
+    ax.set(xlabel="% of the label class's pixels predicted as the other class",
+           title=f"most confused classes (label -> prediction), {len(pairs)} pairs")
+    _save(fig, path)
+    return path

@@ -116,10 +116,12 @@ def continues_job(recorded: str | None) -> bool:
 
 
 class GracefulStop:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: exit at once (not under torchrun)."""
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 0. Second: exit at once (not under torchrun). Under
+    torchrun every process gets the signal; only the one that ``announce``s (rank 0) says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -140,9 +142,10 @@ class GracefulStop:
                 os._exit(128 + signum)
             return
         self.requested = True
-        then = "send it again to exit at once" if launch_id() is None else "torchrun's --shutdown-timeout applies"
-        print(f"\nsegrank train: {signal.Signals(signum).name} received, saving a checkpoint after this step ({then})",
-              flush=True)
+        if self.announce:
+            then = "send it again to exit at once" if launch_id() is None else "torchrun's --shutdown-timeout applies"
+            print(f"\nsegrank train: {signal.Signals(signum).name} received, saving a checkpoint after this step "
+                  f"({then})", flush=True)
 
 
 def barrier(env: Dist) -> None:

@@ -44,6 +44,11 @@ def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+def weights_path(folder: Path, step: int) -> Path:
+    """The model weights of checkpoint ``step`` in ``folder``."""
+    return folder / f"{checkpoint_name(step)}.safetensors"
+
+
 def check_disk_space(folder: Path, model: Segmentor, optimizer: torch.optim.Optimizer) -> None:
     """Refuse to start a checkpoint that cannot fit: weights + optimizer state, with a 10 % margin. ``folder`` may
     not exist yet (a run's first check): its nearest existing parent holds it."""
@@ -65,7 +70,7 @@ def save_training_state(
     folder.mkdir(parents=True, exist_ok=True)
     check_disk_space(folder, model, optimizer)
     name = checkpoint_name(step)
-    weights = save_model(model, folder / f"{name}.safetensors")
+    weights = save_model(model, weights_path(folder, step))
     state = {"step": step, "seed": seed, "optimizer": optimizer.state_dict(), "scaler": scaler_state}
     files.atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))
     files.atomic_write(folder / LATEST, lambda tmp: tmp.write_text(name + "\n"))

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segrank import files
 from segrank.checkpoints.vit_weights import load_backbone_weights
 from segrank.config import Config, ConfigError, TrainConfig
 from segrank.data import DatasetInfo, build_dataset, dataset_info
@@ -46,9 +47,10 @@ class NonFiniteLossError(SegrankError):
 def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` in ``work_dir``; returns {"step", "checkpoint" (weights file), "eval" (last results),
-    "stopped" (by a signal)}."""
+    "stopped" (by a signal), "rank" (this process's, under torchrun: only rank 0 should report)}."""
     cfg = copy.deepcopy(cfg)  # class names get filled in below
     work_dir, tc = Path(work_dir), cfg.train
+    files.ensure_writable(work_dir, folder=True)
     env = setup_distributed(device)
     # torchrun restarts the worker group after a failure (--max-restarts), SLURM may requeue a pre-empted job: a later
     # start of the torchrun job that created the work dir continues it from the latest checkpoint (the run of another
@@ -86,7 +88,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
         state.check_disk_space(work_dir, model, optimizer)
         state.prepare_work_dir(work_dir, cfg, resume, launch_id())
     barrier(env)
-    start, result = 0, {"step": 0, "checkpoint": None, "eval": None, "stopped": False}
+    start, result = 0, {"step": 0, "checkpoint": None, "eval": None, "stopped": False, "rank": env.rank}
     if resume and state.latest_checkpoint(ckpt_dir) is not None:
         saved = state.load_training_state(ckpt_dir, model, optimizer)
         if scaler.is_enabled():
@@ -110,7 +112,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
     sums: dict[str, torch.Tensor] = {}
     logged, tick, ticked = 0, time.perf_counter(), start
 
-    with GracefulStop() as stop, bar:
+    with GracefulStop(announce=env.main) as stop, bar:
         for step in range(start, tc.max_iters):
             lr = optim.poly_lr(step, tc)
             optim.set_lr(optimizer, lr)
@@ -146,10 +148,11 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False, device: str |
                 sums, logged, tick, ticked = {}, 0, time.perf_counter(), done
             if done % ckpt_interval == 0 or done == tc.max_iters or stopping:
                 if env.main:
-                    result["checkpoint"] = str(state.save_training_state(
-                        ckpt_dir, done, model, optimizer, scaler.state_dict() if scaler.is_enabled() else {},
-                        tc.seed, tc.keep_checkpoints))
+                    state.save_training_state(ckpt_dir, done, model, optimizer,
+                                              scaler.state_dict() if scaler.is_enabled() else {}, tc.seed,
+                                              tc.keep_checkpoints)
                 barrier(env)
+                result["checkpoint"] = str(state.weights_path(ckpt_dir, done))  # every rank knows where it is
             result["step"] = done
             if stopping:
                 if env.main:

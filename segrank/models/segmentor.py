@@ -26,6 +26,22 @@ def build_head(cfg: ModelConfig) -> nn.Module:
     return LinearHead(n, d_enc)
 
 
+def standard_layout(grad: Tensor) -> Tensor:
+    """The gradient of a parameter in the parameter's own (row-major) layout.
+
+    A token table such as ``cls_token`` (1, 1, d) is expanded over the batch and concatenated to the sequence; with
+    one image per process the expand is the identity, so its gradient is a slice of the sequence's gradient, whose
+    stride on the size-1 dimension is the sequence's. Autograd accepts that layout, but DDP lays its gradient buckets
+    out like the parameter and warns on every such copy ("grad strides do not match bucket view strides"). A copy in
+    the standard layout (a few KB per step) makes the two agree.
+    """
+    expected, step = [], 1
+    for size in reversed(grad.shape):
+        expected.insert(0, step)
+        step *= size
+    return grad if list(grad.stride()) == expected else grad.clone(memory_format=torch.contiguous_format)
+
+
 class Segmentor(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -37,6 +53,9 @@ class Segmentor(nn.Module):
         # Test settings the model's checkpoint carries (set by the checkpoint loaders and by training), so that a
         # model handed to a Predictor segments as it did where it was trained.
         self.inference: InferenceConfig | None = None
+        for param in self.parameters():
+            if 1 in param.shape:  # token tables (1, n, d): see standard_layout
+                param.register_hook(standard_layout)
 
     @property
     def needs_present_classes(self) -> bool:

@@ -126,7 +126,7 @@ def test_eval_cli_writes_json_and_table(tmp_path, capsys):
     ckpt = save_model(tiny_model(), tmp_path / "model.safetensors")
     config = synthetic_config(tmp_path)
     out = tmp_path / "res.json"
-    assert main(["eval", str(config), str(ckpt), "--ms-flip", "--out", str(out), "--no-progress"]) == 0
+    assert main(["eval", str(config), str(ckpt), "--ms-flip", "--out", str(out), "--no-progress", "--per-class"]) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert 0 <= res["mIoU"] <= 1 and 0 <= res["image_recall"] <= 1 and res["num_images"] == 3 and res["ms_flip"]
@@ -136,7 +136,7 @@ def test_eval_cli_writes_json_and_table(tmp_path, capsys):
     assert main(["eval", str(config), str(oracle), "--oracle", "--out", str(out), "--no-progress"]) == 0
     assert json.loads(out.read_text())["image_recall"] == 1.0
     assert main(["eval", str(config), str(ckpt), "--oracle", "--out", str(out), "--no-progress"]) == 2
-    assert "not a GT-oracle model" in capsys.readouterr().err
+    assert "has a 'rankseg' head; GT-oracle evaluation needs" in capsys.readouterr().err
     # A model whose class count does not match the dataset is refused with one line.
     other = save_model(tiny_model(num_classes=7), tmp_path / "other.safetensors")
     assert main(["eval", str(config), str(other), "--out", str(out)]) == 2

@@ -1,6 +1,7 @@
 """Shows that each reliability test guards its protection: breaks one protection at a time in a copy of the tree and
 runs the test that should catch it. Not collected by pytest; run ``python tests/reliability/mutation_check.py``
-(about 3 minutes on 2 cores). Prints CAUGHT (the tests fail, as they must) or NOT CAUGHT per mutation."""
+(about 10 minutes on 2 cores; ``... mutation_check.py WORD ...`` runs only the mutations whose description holds a
+WORD). Prints CAUGHT (the tests fail, as they must) or NOT CAUGHT per mutation."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ T = "tests/reliability/"
 # (what is broken, file, original text, broken text, pytest arguments)
 MUTATIONS = [
     ("checkpoint files written in place instead of temp file + rename", "segrank/files.py",
-     "        write(Path(tmp))\n        os.replace(tmp, path)", "        write(path)", T + "test_kill_resume.py"),
+     "        write(Path(tmp))\n", "        write(path)\n        return\n", T + "test_kill_resume.py"),
+    ("outputs keep mkstemp's 0600 whatever the umask", "segrank/files.py",
+     "        os.chmod(tmp, 0o666 & ~current_umask())\n", "", T + "test_file_modes.py"),
     ("'latest' pointer renamed into place before the optimizer state is written", "segrank/engine/state.py",
      '    files.atomic_write(folder / f"{name}.state.pt", lambda tmp: torch.save(state, tmp))\n'
      '    files.atomic_write(folder / LATEST, lambda tmp: tmp.write_text(name + "\\n"))',
@@ -85,16 +88,52 @@ MUTATIONS = [
      "            os._exit(128 + signum)", T + "test_distributed.py -k repeated"),
     ("temp files of killed converter writes left in the output", "segrank/data/convert/__init__.py",
      "        files.remove_temps(Path(dst))", "        pass", "tests/data/test_prepare_parallel.py -k temp"),
+    # Outputs checked before the work starts, and kept when the final write fails.
+    ("no write-permission check of destinations", "segrank/files.py",
+     "    if not os.access(existing, os.W_OK | os.X_OK):", "    if False:", T + "test_bad_input.py -k read_only"),
+    ("a file destination that is a folder accepted", "segrank/files.py", "    if not folder and path.is_dir():",
+     "    if False:", T + "test_bad_input.py -k eval_out_is_a_folder"),
+    ("eval outputs checked only when written, after the evaluation", "segrank/commands.py",
+     "    ensure_outputs_writable(out)  # before", "    pass  # before", T + "test_bad_input.py -k eval_chart"),
+    ("predict output folder not checked first", "segrank/commands.py", "    files.ensure_writable(out, folder=True)\n",
+     "", T + "test_bad_input.py -k predict_out_in_read_only"),
+    ("convert destination not checked first", "segrank/commands.py",
+     "    files.ensure_writable(out, folder=folder)\n", "", T + "test_bad_input.py -k convert_out_in_read_only"),
+    ("train work dir not checked first", "segrank/engine/train.py",
+     "    files.ensure_writable(work_dir, folder=True)\n", "", T + "test_bad_input.py -k train_work_dir_in_read_only"),
+    ("eval results lost when the final write fails", "segrank/engine/eval_outputs.py",
+     "            _write_all(output_paths(kept / Path(out).name), results, hist, class_names)", "            pass",
+     "tests/engine/test_eval_outputs.py -k failed_final_write"),
+    # Command-line flags.
+    ("argparse errors printed with the usage block", "segrank/cli.py", "        raise UsageError(self.prog, message)",
+     "        super().error(message)", T + "test_bad_input.py -k predict_without_out"),
+    ("unknown flags reported by argparse's top-level parser", "segrank/cli.py",
+     "args, unknown = parser.parse_known_args(argv)", "args, unknown = parser.parse_args(argv), []",
+     T + "test_bad_input.py -k unknown_flag"),
+    ("std 0 accepted", "segrank/cli.py", "positive_float = number(float, 0, above=True)",
+     "positive_float = number(float)", T + "test_bad_input.py -k std_zero"),
+    ("NaN accepted as a flag value", "segrank/cli.py", "        if not math.isfinite(value):", "        if False:",
+     T + "test_bad_input.py -k mean_nan"),
+    ("eval ignores --set model.* silently", "segrank/commands.py",
+     "        check_model_overrides(args.set, cfg.model, model.cfg)", "        pass",
+     T + "test_bad_input.py -k eval_set_model"),
+    # Distributed runs.
+    ("every torchrun rank reports", "segrank/commands.py", 'if not result["stopped"] and result["rank"] == 0:',
+     'if not result["stopped"]:', "tests/engine/test_train.py -k two_process"),
+    ("token-table gradients keep the sequence's strides (DDP warns)", "segrank/models/segmentor.py",
+     "                param.register_hook(standard_layout)", "                pass",
+     "tests/engine/test_train.py -k two_process"),
 ]
 
 
-def main() -> int:
+def main(words: list[str]) -> int:
     missed = 0
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "work_dirs", "demo_output"))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(copy)}
-        for what, path, original, broken, tests in MUTATIONS:
+        for what, path, original, broken, tests in chosen:
             file = copy / path
             source = file.read_text()
             if source.count(original) != 1:
@@ -114,4 +153,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
