@@ -20,25 +20,11 @@ from segrank.models.losses import class_histogram
 from segrank.models.segmentor import Segmentor
 
 
-def evaluate(
-    model: Segmentor,
-    dataset: Dataset,
-    cfg: EvalConfig,
-    *,
-    num_classes: int,
-    ignore_index: int,
-    class_names: Sequence[str] | None = None,
-    oracle: bool = False,
-    ms_flip: bool = False,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    img_scale: tuple[int, int] | None = None,
-    workers: int = 0,
-) -> dict[str, Any]:
+def evaluate(model: Segmentor, dataset: Dataset, cfg: EvalConfig, *, class_names: Sequence[str] | None = None,
+             **options: Any) -> dict[str, Any]:
     """aAcc, mIoU, mAcc, per-class ``IoU``/``Acc`` (fractions, NaN where undefined) and, for RankSeg models,
-    ``image_recall`` (see ``confusion``)."""
-    hist, recall = confusion(model, dataset, cfg, num_classes=num_classes, ignore_index=ignore_index, oracle=oracle,
-                             ms_flip=ms_flip, device=device, progress=progress, img_scale=img_scale, workers=workers)
+    ``image_recall``; ``options`` are those of ``confusion`` (num_classes and ignore_index are required)."""
+    hist, recall = confusion(model, dataset, cfg, **options)
     return results_of(hist, recall, len(dataset), class_names)
 
 
