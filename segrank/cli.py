@@ -344,8 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     # "segrank datasets check", as argparse names a sub-command in its own errors
-    name = " ".join(n for n in (args.command, getattr(args, "datasets_command", None), getattr(args, "bench", None))
-                    if n)
+    name = " ".join(n for n in (args.command, getattr(args, f"{args.command}_action", None)) if n)
     if unknown:  # named after the sub-command whose flags they are not
         print(f"segrank {name}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
