@@ -136,16 +136,16 @@ def add_export_commands(sub: argparse._SubParsersAction) -> None:
                                         "docs/deployment.md")
     p.add_argument("ckpt", help="model checkpoint (native .safetensors, mmseg .pth, official Segmenter)")
     p.add_argument("--out", required=True, help="destination .onnx file")
-    p.add_argument("--size", nargs=2, metavar=("H", "W"),
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="input size of the graph (with --dynamic: the tracing example; default: the training crop)")
     p.add_argument("--dynamic", action="store_true", help="dynamic height and width (the batch is always dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--labels", action="store_true",
                    help="output the class-id map (argmax and RankSeg's slot-to-class mapping in the graph)")
     p.add_argument("--check", action="store_true",
                    help="compare onnxruntime with PyTorch on random inputs (the export size, and two more sizes with "
                         "--dynamic); on a mismatch exit 2 and write nothing")
-    p.add_argument("--tol", type=float, default=1e-4, help="largest |Δlogit| --check accepts (default: 1e-4)")
+    p.add_argument("--tol", type=positive_float, default=1e-4, help="largest |Δlogit| --check accepts (default: 1e-4)")
     p.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="checkpoint layout")
     p.add_argument("--config", help="YAML config for formats that do not carry their architecture")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

@@ -114,28 +114,14 @@ def test_size(model: Segmentor, checkpoint: Path, config: str | None, size: list
     return (short, short), "a square image at the test scale"
 
 
-def parse_size(values: list[str]) -> tuple[int, int]:
-    """``--size H W`` as two positive integers (read as text so that a bad value gets segrank's one-line error)."""
-    try:
-        size = (int(values[0]), int(values[1]))
-    except ValueError:
-        size = (0, 0)
-    if min(size) < 1:
-        raise SegrankError(f"--size: {' '.join(values)}: expected two positive integers H W")
-    return size
-
-
 def export_onnx_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise SegrankError(f"{out}: --out must end with .onnx")
-    if out.is_dir():
-        raise SegrankError(f"{out}: is a folder, expected a file name")
-    if out.exists() and not args.force:
+    if out.exists() and not args.force and not out.is_dir():
         raise SegrankError(f"{out}: already exists (use --force to overwrite)")
-    if not args.tol > 0:
-        raise SegrankError(f"--tol: {args.tol}: must be positive")
-    size = parse_size(args.size) if args.size else None
+    files.ensure_writable(out)  # a folder, or a place that cannot be written: before the export, not after
+    size = tuple(args.size) if args.size else None
     checkpoint = resolve_checkpoint(Path(args.ckpt))
     model = load_model(checkpoint, format=args.format, config=args.config)
     settings = resolve_settings(model, checkpoint)  # the normalisation `segrank predict` would use

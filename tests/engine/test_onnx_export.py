@@ -200,7 +200,7 @@ def test_cli_check_mismatch_exits_2_and_writes_nothing(checkpoint, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
-    assert err.startswith("segrank export: error: ") and "--check failed" in err and "|Δlogit|" in err
+    assert err.startswith("segrank export onnx: error: ") and "--check failed" in err and "|Δlogit|" in err
     assert not out.exists() and list(tmp_path.glob("*.onnx*")) == []
 
 
@@ -217,7 +217,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, checkpoint, tmp_path
     out = tmp_path / "m.onnx"
     assert main(["export", "onnx", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("segrank export: error: ") and message in err
+    assert len(err.splitlines()) == 1 and err.startswith("segrank export onnx: error: ") and message in err
     assert not out.exists()
 
 

@@ -85,6 +85,12 @@ def convert_out_in_read_only_folder(tmp):
 
 
 @case
+def export_out_in_read_only_folder(tmp):
+    _, ckpt, _ = eval_setup(tmp)
+    return ["export", "onnx", ckpt, "--out", read_only(tmp / "ro") / "m.onnx"], "ro/m.onnx: cannot write, "
+
+
+@case
 def train_work_dir_in_read_only_folder(tmp):
     return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", read_only(tmp / "ro") / "run",
             "--no-progress"], "ro/run: cannot write, "
@@ -136,6 +142,7 @@ FLAG_CASES = {
                                        "argument --image-size: expected 2 comma-separated integers, got '32'"),
     "benchmark_negative_workers": ("benchmark data --workers -1", "argument --workers: must be >= 0, got -1"),
     "train_unknown_flag": ("train {t}/c.yaml --max-iters 5", "unrecognized arguments: --max-iters 5"),
+    "export_tol_zero": ("export onnx {t}/m.safetensors --out {t}/m.onnx --tol 0", "argument --tol: must be > 0, got 0"),
     "serve_port_out_of_range": ("serve {t}/m.safetensors --port 70000", "argument --port: must be <= 65535, got 70000"),
     "serve_upload_limit_inf": ("serve {t}/m.safetensors --max-upload-mb inf",
                                "argument --max-upload-mb: expected a finite number, got 'inf'"),
