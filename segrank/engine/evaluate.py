@@ -35,7 +35,8 @@ def evaluate(
     workers: int = 0,
 ) -> dict[str, Any]:
     """aAcc, mIoU, mAcc, per-class ``IoU``/``Acc`` (fractions, NaN where undefined) and, for RankSeg models,
-    ``image_recall``: the mean over images of the share of the label's classes selected in some window/augmentation.
+    ``image_recall``: the mean over images of the share of the label's classes selected in some window/augmentation,
+    and ``pixel_recall``: the same for the share of labelled pixels whose class was selected.
 
     Items are dicts with ``image`` (3, H, W) normalised at test size and ``label`` (H0, W0) at the original size.
     Under torch.distributed each process takes every world-th image and the counts are summed over processes.
@@ -49,7 +50,8 @@ def evaluate(
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=None, num_workers=workers)
     hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    recall = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image recalls, images counted
+    # sums of per-image recalls (classes, labelled pixels) and the number of images counted
+    recall = torch.zeros(3, dtype=torch.float64, device=device)
     if oracle and not model.needs_present_classes:
         raise SegrankError("oracle evaluation needs a GT-oracle model (head type rankseg_gt)")
     was_training = model.training
@@ -64,14 +66,16 @@ def evaluate(
             hist += confusion_matrix(pred.label, label, num_classes, ignore_index)
             if pred.selected is not None and bool(present.any()):
                 recall[0] += present[pred.selected].sum().double() / present.sum()
-                recall[1] += 1
+                recall[1] += counts[pred.selected].sum().double() / counts.sum()
+                recall[2] += 1
     finally:
         model.train(was_training)
     all_reduce_(hist)
     all_reduce_(recall)
     results = summarize(hist)
-    if recall[1] > 0:
-        results["image_recall"] = float(recall[0] / recall[1])
+    if recall[2] > 0:
+        results["image_recall"] = float(recall[0] / recall[2])
+        results["pixel_recall"] = float(recall[1] / recall[2])
     results["num_images"] = len(dataset)
     if class_names is not None:
         results["class_names"] = list(class_names)
