@@ -95,8 +95,9 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=commands.train_command)
 
-    p = sub.add_parser("demo", help="train and compare a small Segmenter and Segmenter + RankSeg on built-in "
-                                    "synthetic data (CPU, a few minutes), then write a report")
+    p = sub.add_parser("demo", help="train and compare a small Segmenter, Segmenter + RankSeg and RankSeg's "
+                                    "ground-truth-class oracle on built-in synthetic data (CPU, a few minutes), "
+                                    "then write a report")
     p.add_argument("--out", default="demo_output", help="report folder (default: demo_output); must be new or empty")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and order (default: 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")

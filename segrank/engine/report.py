@@ -84,6 +84,30 @@ def compare_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
     return written
 
 
+def recall_curves(runs: dict[str, Path], path: Path, k: int, num_classes: int) -> Path | None:
+    """RankSeg's image-level recall@k over training: on the training batches (``image_recall`` of the train records)
+    and on the validation images (that of the eval records), with the recall of k classes drawn at random."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    drawn = False
+    for label, work_dir in runs.items():
+        records = read_log(work_dir)
+        for key, kind, style, what in (("image_recall", "train", "-", "training batches"),
+                                       ("image_recall", "eval", "o-", "validation")):
+            points = [(r["step"], 100 * r[key]) for r in records if r.get("type") == kind and key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, markersize=4, label=f"{label}, {what}")
+                drawn = True
+    if not drawn:
+        return None
+    ax.axhline(100 * k / num_classes, color="grey", linestyle=":", label=f"chance ({k} of {num_classes} at random)")
+    ax.set(xlabel="iteration", ylabel="%", ylim=(0, 100), title=f"image-level recall@{k}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
 def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_names: Sequence[str] | None = None,
                         top: int = 40) -> Path:
     """Grouped bars of per-class IoU (NaN = class absent) for the ``top`` classes with the largest IoU in any run."""
