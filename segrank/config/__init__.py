@@ -115,6 +115,9 @@ class LossConfig(Section):
     asl_gamma_pos: float = setting(0.0, "asymmetric loss: focusing exponent of present classes", NON_NEGATIVE)
     asl_clip: float = setting(0.05, "asymmetric loss: probability margin taken off absent classes", PROBABILITY)
     asl_eps: float = setting(1e-5, "asymmetric loss: smallest probability inside the log", POSITIVE)
+    image_reduction: Literal["mean", "sum_classes"] = setting(
+        "mean", "image-level loss: mean = sum / (batch x num_classes) (the reference); sum_classes = sum over "
+                "classes / batch, whose pull on the shared layers does not shrink as the vocabulary grows")
     seg_reduction: Literal["all_pixels", "valid_pixels"] = setting(
         "all_pixels", "all_pixels: sum over valid pixels / all pixels (mmseg 0.17 reference); valid_pixels: mean "
                       "over valid pixels")
