@@ -229,6 +229,16 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int_list, default=[512, 683], help="test image H,W")
     reps(p)
 
+    p = bench("learn", "Segmenter vs RankSeg vs RankSeg's oracle at equal budgets on synthetic scenes "
+                       "(docs/learning.md)", commands.benchmark_learn)
+    p.add_argument("--classes", type=int_list, default=[150, 847], help="comma-separated vocabulary sizes N")
+    p.add_argument("--seeds", type=int_list, default=[0], help="comma-separated seeds")
+    p.add_argument("--iters", type=positive_int, default=300, help="fine-tuning iterations per head")
+    p.add_argument("--equal-time", default="segmenter", choices=["segmenter", "rankseg"],
+                   help="the head retrained for as long as the other's run took (default: segmenter, the cheaper "
+                        "comparison while RankSeg iterates faster)")
+    p.add_argument("--plots", metavar="DIR", help="write learn_n<N>_seed<S>.png curves to DIR")
+
     p = bench("data", "images/s of the reference train pipeline, in process and through a DataLoader",
               commands.benchmark_data, device=False)
     p.add_argument("--size", type=positive_int, default=512, help="crop side")
@@ -254,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)  # train, demo, eval, predict, serve
     add_dataset_commands(sub)  # datasets list | check | prepare
     add_config_commands(sub)  # config show
-    add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | data
+    add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | learn | data
     return parser
 
 

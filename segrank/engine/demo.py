@@ -60,17 +60,9 @@ def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int
         result = run_stage(cfg, out / head, device)
         runs[head] = {"name": name, "cfg": cfg, "dir": out / head, "result": result["eval"],
                       "checkpoint": result["checkpoint"], "seconds": time.perf_counter() - clock,
-                      "s_per_iter": train_seconds_per_iter(out / head)}
+                      "s_per_iter": report.seconds_per_iteration(out / head)}
     budget["total_seconds"] = time.perf_counter() - start
     return write_report(out, runs, budget)
-
-
-def train_seconds_per_iter(work_dir: Path) -> float:
-    """Mean training time per iteration from the run's log (evaluations excluded)."""
-    records = [r for r in report.read_log(work_dir) if r.get("type") == "train"]
-    steps = [r["step"] for r in records]
-    spans = np.diff([0, *steps])
-    return float(np.dot(spans, [r["time_s"] for r in records]) / max(1, steps[-1] if steps else 1))
 
 
 def _colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -21,6 +21,13 @@ def read_log(work_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
+def seconds_per_iteration(work_dir: Path) -> float:
+    """Mean training time per iteration of a run, from its log (evaluations excluded)."""
+    records = [r for r in read_log(work_dir) if r.get("type") == "train"]
+    steps = [0] + [r["step"] for r in records]
+    return sum((b - a) * r["time_s"] for a, b, r in zip(steps, steps[1:], records, strict=False)) / max(1, steps[-1])
+
+
 def _save(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
@@ -139,5 +146,30 @@ def prediction_grid(rows: list[list[np.ndarray]], titles: Sequence[str], path: P
             if i == 0:
                 axes[i, j].set_title(titles[j], fontsize=9)
     fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def learning_curves(case: dict[str, Any], path: Path, k: int) -> Path:
+    """``segrank benchmark learn``, one vocabulary size and seed: validation mIoU of every head over training (left),
+    RankSeg's image-level recall@k and pixel recall on the validation scenes and training batches (right)."""
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
+    for head, run in case["heads"].items():
+        points = [(r["step"], 100 * r["mIoU"]) for r in run["eval_curve"]]
+        left.plot(*zip(*points, strict=True), "o-", markersize=3, label=head)
+    left.set(xlabel="iteration", ylabel="val mIoU (%)", title=f"N = {case['num_classes']}, seed {case['seed']}")
+    rank = case["heads"]["rankseg"]
+    for key, curve, style, label in (("image_recall", "eval_curve", "o-", f"val recall@{k}"),
+                                     ("pixel_recall", "eval_curve", "s--", "val pixel recall"),
+                                     ("image_recall", "train_curve", "-", f"training-batch recall@{k}")):
+        points = [(r["step"], 100 * r[key]) for r in rank[curve] if key in r]
+        if points:
+            right.plot(*zip(*points, strict=True), style, markersize=3, label=label)
+    right.axhline(100 * k / case["num_classes"], color="grey", linestyle=":", label="chance")
+    right.set(xlabel="iteration", ylabel="%", ylim=(0, 100), title="RankSeg's image-level selection")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     _save(fig, path)
     return path
