@@ -275,6 +275,11 @@ def benchmark_data(args: argparse.Namespace) -> int:
 def benchmark_learn(args: argparse.Namespace) -> int:
     if min(args.classes) < TOPK:
         raise SegrankError(f"--classes: every N must be >= {TOPK} (RankSeg keeps {TOPK} classes per image)")
+    if args.plots:
+        try:  # refused before the quarter of an hour of training, not after
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SegrankError(f"{args.plots}: cannot create the plots folder ({err.strerror})") from None
     device = _benchmark_device(args)
     result = run_learn(args.classes, args.seeds, args.iters, device=device.type, threads=torch.get_num_threads(),
                        equal_time=args.equal_time)

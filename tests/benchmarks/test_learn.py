@@ -39,9 +39,12 @@ def test_learn_records_every_head(tmp_path):
     assert path.stat().st_size > 1000
 
 
-def test_learn_rejects_bad_input(capsys):
+def test_learn_rejects_bad_input(tmp_path, capsys):
     assert main(["benchmark", "learn", "--classes", "150,10"]) == 2
     assert "segrank benchmark: error: --classes: every N must be >= 30" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["benchmark", "learn", "--plots", str(tmp_path / "file" / "plots")]) == 2
+    assert "cannot create the plots folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["benchmark", "learn", "--iters", "0"])
     assert "--iters: must be >= 1" in capsys.readouterr().err
