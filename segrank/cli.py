@@ -66,11 +66,12 @@ finite_float = number(float)
 port_number = number(int, 0, maximum=65535)
 
 
-def positive_ints(length: int | None = None) -> Callable[[str], list[int]]:
-    """An argparse type: comma-separated integers >= 1 (``length`` of them when given), e.g. ``150,1284``."""
+def positive_ints(length: int | None = None, minimum: int = 1) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers >= ``minimum`` (``length`` of them when given), e.g. ``150,1284``."""
+    element = number(int, minimum)
 
     def parse(text: str) -> list[int]:
-        values = [positive_int(v.strip()) for v in text.split(",") if v.strip()]
+        values = [element(v.strip()) for v in text.split(",") if v.strip()]
         if not values or (length is not None and len(values) != length):
             count = f"{length}" if length is not None else "one or more"
             raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}")
@@ -162,8 +163,9 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=commands.train_command)
 
-    p = sub.add_parser("demo", help="train and compare a small Segmenter and Segmenter + RankSeg on built-in "
-                                    "synthetic data (CPU, a few minutes), then write a report")
+    p = sub.add_parser("demo", help="train and compare a small Segmenter, Segmenter + RankSeg and RankSeg's "
+                                    "ground-truth-class oracle on built-in synthetic data (CPU, a few minutes), "
+                                    "then write a report")
     p.add_argument("--out", default="demo_output", help="report folder (default: demo_output); must be new or empty")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of data, initialisation and order (default: 0)")
@@ -297,6 +299,16 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=positive_ints(2), default=[512, 683], help="test image H,W")
     reps(p)
 
+    p = bench("learn", "Segmenter vs RankSeg vs RankSeg's oracle at equal budgets on synthetic scenes "
+                       "(docs/learning.md)", commands.benchmark_learn)
+    p.add_argument("--classes", type=positive_ints(), default=[150, 847], help="comma-separated vocabulary sizes N")
+    p.add_argument("--seeds", type=positive_ints(minimum=0), default=[0], help="comma-separated seeds")
+    p.add_argument("--iters", type=positive_int, default=300, help="fine-tuning iterations per head")
+    p.add_argument("--equal-time", default="segmenter", choices=["segmenter", "rankseg"],
+                   help="the head retrained for as long as the other's run took (default: segmenter, the cheaper "
+                        "comparison while RankSeg iterates faster)")
+    p.add_argument("--plots", metavar="DIR", help="write learn_n<N>_seed<S>.png curves to DIR")
+
     p = bench("data", "images/s of the reference train pipeline, in process and through a DataLoader",
               commands.benchmark_data, device=False)
     p.add_argument("--size", type=positive_int, default=512, help="crop side")
@@ -323,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)  # train, demo, eval, predict, serve
     add_dataset_commands(sub)  # datasets list | check | prepare
     add_config_commands(sub)  # config show
-    add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | data
+    add_benchmark_commands(sub)  # benchmark forward | train-step | eval-memory | learn | data
     return parser
 
 

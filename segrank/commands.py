@@ -20,6 +20,7 @@ from segrank import files
 from segrank.benchmarks.data import bench_data
 from segrank.benchmarks.eval_memory import bench_eval_memory
 from segrank.benchmarks.forward import bench_forward
+from segrank.benchmarks.learn import TOPK, run_learn, text_summary
 from segrank.benchmarks.measure import count_flops, machine_info
 from segrank.benchmarks.train_step import bench_train_step
 from segrank.checkpoints import describe, load_model, resolve_checkpoint, save_model, save_pretrained
@@ -35,6 +36,7 @@ from segrank.engine.images import check_distinct_names, collect_inputs
 from segrank.engine.metrics import format_summary, format_table
 from segrank.engine.onnx_export import export_onnx, graph_metadata, min_dynamic_side, output_names
 from segrank.engine.predictor import Predictor
+from segrank.engine.report import learning_curves
 from segrank.engine.runtime import setup_distributed
 from segrank.engine.serve import serve
 from segrank.engine.settings import adopt_config_settings, resolve_settings
@@ -351,3 +353,21 @@ def benchmark_data(args: argparse.Namespace) -> int:
     device = _benchmark_device(args)
     return _print_records(args, device, bench_data(crop=args.size, images=args.images, workers=args.workers,
                                                    batch_size=args.batch_size))
+
+
+def benchmark_learn(args: argparse.Namespace) -> int:
+    if min(args.classes) < TOPK:
+        raise SegrankError(f"--classes: every N must be >= {TOPK} (RankSeg keeps {TOPK} classes per image)")
+    if args.plots:
+        try:  # refused before the quarter of an hour of training, not after
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SegrankError(f"{args.plots}: cannot create the plots folder ({err.strerror})") from None
+    device = _benchmark_device(args)
+    result = run_learn(args.classes, args.seeds, args.iters, device=device.type, threads=torch.get_num_threads(),
+                       equal_time=args.equal_time)
+    if args.plots:
+        for case in result["cases"]:
+            learning_curves(case, Path(args.plots) / f"learn_n{case['num_classes']}_seed{case['seed']}.png", TOPK)
+    print(json.dumps(files.json_safe(result), indent=1) if args.json else text_summary(result))
+    return 0

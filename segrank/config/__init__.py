@@ -115,6 +115,9 @@ class LossConfig(Section):
     asl_gamma_pos: float = setting(0.0, "asymmetric loss: focusing exponent of present classes", NON_NEGATIVE)
     asl_clip: float = setting(0.05, "asymmetric loss: probability margin taken off absent classes", PROBABILITY)
     asl_eps: float = setting(1e-5, "asymmetric loss: smallest probability inside the log", POSITIVE)
+    image_reduction: Literal["mean", "sum_classes"] = setting(
+        "mean", "image-level loss: mean = sum / (batch x num_classes) (the reference); sum_classes = sum over "
+                "classes / batch, whose pull on the shared layers does not shrink as the vocabulary grows")
     seg_reduction: Literal["all_pixels", "valid_pixels"] = setting(
         "all_pixels", "all_pixels: sum over valid pixels / all pixels (mmseg 0.17 reference); valid_pixels: mean "
                       "over valid pixels")
@@ -257,14 +260,25 @@ class TrainConfig(Section):
     max_iters: int = setting(160000, "optimiser steps of the run", COUNT)
     batch_size: int = setting(8, "global batch per optimiser step, whatever the number of processes", COUNT)
     grad_accum: int = setting(1, "micro-batches per optimiser step", COUNT)
-    lr: float = setting(1e-3, "learning rate at step 0 (SGD)", POSITIVE)
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", "sgd (the reference) or adamw (decoupled weight decay)")
+    lr: float = setting(1e-3, "learning rate at step 0, before lr_mult", POSITIVE)
     momentum: float = setting(0.9, "SGD momentum", RATE)
-    weight_decay: float = setting(0.0, "SGD weight decay", NON_NEGATIVE)
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW moment decay rates (beta1, beta2)", RATE)
+    weight_decay: float = setting(0.0, "weight decay (SGD: added to the gradient; AdamW: decoupled)", NON_NEGATIVE)
     # The longest key that is a substring of the parameter's reference (mmseg) name wins, as in mmcv's
     # DefaultOptimizerConstructor.
     decay_mult: dict[str, float] = setting(
         doc="weight-decay multiplier per parameter-name substring (longest matching key wins)", bound=NON_NEGATIVE,
         factory=lambda: {"pos_embed": 0.0, "cls_token": 0.0, "norm": 0.0})
+    lr_mult: dict[str, float] = setting(
+        doc="learning-rate multiplier per parameter-name substring, matched like decay_mult (mmcv custom_keys "
+            "lr_mult); {}: one learning rate", bound=NON_NEGATIVE, factory=dict)
+    norm_decay_mult: float | None = setting(
+        None, "weight-decay multiplier of normalisation-layer parameters no decay_mult key matches (mmcv "
+              "paramwise_cfg); null: the base decay", NON_NEGATIVE)
+    bias_decay_mult: float | None = setting(
+        None, "weight-decay multiplier of the other layers' biases no decay_mult key matches (mmcv paramwise_cfg); "
+              "null: the base decay", NON_NEGATIVE)
     lr_power: float = setting(0.9, "exponent of the poly decay", NON_NEGATIVE)
     min_lr: float = setting(1e-5, "learning rate the poly decay ends at", NON_NEGATIVE)
     warmup_iters: int = setting(0, "steps of linear warmup", NON_NEGATIVE)

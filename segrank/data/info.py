@@ -94,7 +94,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("folder", "your own data: ROOT/images, ROOT/labels, ROOT/classes.yaml, optional ROOT/splits/*.txt",
                     "imagenet", None),
         DatasetSpec("synthetic", "built-in on-the-fly scenes: many classes, 2-6 per image (options: num_classes, "
-                    "image_size, train_images, val_images, seed, min_classes, max_classes)", "half", None),
+                    "image_size, train_images, val_images, seed, min_classes, max_classes, class_offset)", "half",
+                    None),
     ]
 }
 
@@ -138,7 +139,7 @@ def dataset_info(name: str, options: dict | None = None, root: str | Path | None
     spec = dataset_spec(name)
     options = options or {}
     if name == "synthetic":
-        classes = synthetic_classes(int(options.get("num_classes", 150)))
+        classes = synthetic_classes(int(options.get("num_classes", 150)), int(options.get("class_offset", 0)))
         palette, norm = generated_palette(len(classes)), spec.normalization
     elif name == "folder":
         if root is None:

@@ -6,6 +6,11 @@ first colours x 11 second colours), so a patch's colours carry most of the ident
 Scenes are one background class plus 1-5 shapes (ellipse, rectangle, triangle, diamond) of 35-65 % of the image
 side, so every region spans several 16-pixel patches. A scene is a pure function of (seed, split, index); no files
 are read or written.
+
+``class_offset`` shifts the vocabulary: label ``k`` is drawn with the appearance of class ``k + class_offset``. Two
+datasets whose offsets are at least their class counts apart share no class, only the colours, textures and shapes
+the classes are made of: the demo pre-trains its backbone on such a disjoint vocabulary, as ImageNet pre-training
+precedes fine-tuning on a segmentation dataset's own classes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ COLOURS = {
 PATTERNS = ["speckle", "hstripes", "vstripes", "diagonal", "antidiagonal", "checker", "dots", "grid"]
 SHAPES = ["ellipse", "rectangle", "triangle", "diamond"]
 OPTIONS = {"num_classes": 150, "image_size": 128, "train_images": 1000, "val_images": 100, "seed": 0,
-           "min_classes": 2, "max_classes": 6}
+           "min_classes": 2, "max_classes": 6, "class_offset": 0}
 MIN_CLASS_FRACTION = 0.04  # a class that ends up smaller than this (occluded) triggers a redraw of the layout
 NOISE_STD = 6.0
 
@@ -39,6 +44,8 @@ def synthetic_options(options: dict[str, Any]) -> dict[str, int]:
     for key, value in out.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise SegrankError(f"data.options.{key}: expected an integer, got {value!r}")
+    if out["class_offset"] < 0:
+        raise SegrankError(f"data.options.class_offset: must be >= 0, got {out['class_offset']}")
     if out["num_classes"] < 2 or out["image_size"] < 16:
         raise SegrankError("data.options: synthetic needs num_classes >= 2 and image_size >= 16")
     if not 2 <= out["min_classes"] <= out["max_classes"] <= min(out["num_classes"], 6):
@@ -56,10 +63,10 @@ def class_appearance(k: int) -> tuple[int, int, int, int, int]:
     return first, (first + 1 + pair) % n, pattern, 8 + 4 * (group // len(PATTERNS)), (k + rest) % len(SHAPES)
 
 
-def synthetic_classes(num_classes: int) -> list[str]:
+def synthetic_classes(num_classes: int, class_offset: int = 0) -> list[str]:
     names = list(COLOURS)
     out = []
-    for k in range(num_classes):
+    for k in range(class_offset, class_offset + num_classes):
         first, second, pattern, period, shape = class_appearance(k)
         out.append(f"{names[first]}-{names[second]} {PATTERNS[pattern]}" + (f" p{period}" if period != 8 else "")
                    + f" {SHAPES[shape]}")
@@ -118,10 +125,11 @@ def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.nd
     size = opts["image_size"]
     count = int(rng.integers(opts["min_classes"], opts["max_classes"] + 1))
     classes = rng.choice(opts["num_classes"], count, replace=False)
+    offset = opts["class_offset"]
     for _ in range(50):  # redraw the layout until every class keeps a sizeable region
         label = np.full((size, size), classes[0], np.int64)
         for k in classes[1:]:
-            label[_shape_mask(class_appearance(int(k))[4], size, rng)] = k
+            label[_shape_mask(class_appearance(int(k) + offset)[4], size, rng)] = k
         if np.bincount(np.searchsorted(np.sort(classes), label.ravel()), minlength=count).min() \
                 >= MIN_CLASS_FRACTION * size * size:
             break
@@ -129,9 +137,9 @@ def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.nd
     yy, xx = np.mgrid[:size, :size]
     second = np.zeros((size, size), bool)
     for r, k in enumerate(np.sort(classes)):
-        _, _, pattern, period, _ = class_appearance(int(k))
+        _, _, pattern, period, _ = class_appearance(int(k) + offset)
         second |= (ranks == r) & _pattern(pattern, period, yy, xx).astype(bool)
-    tones = np.stack([_tones(int(k)) for k in np.sort(classes)])  # (count, 2, 3)
+    tones = np.stack([_tones(int(k) + offset) for k in np.sort(classes)])  # (count, 2, 3)
     image = tones[ranks, second.astype(np.int64)]
     image += rng.standard_normal(image.shape, dtype=np.float32) * NOISE_STD
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label

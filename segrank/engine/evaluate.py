@@ -23,17 +23,16 @@ from segrank.models.segmentor import Segmentor
 def evaluate(model: Segmentor, dataset: Dataset, cfg: EvalConfig, *, class_names: Sequence[str] | None = None,
              **options: Any) -> dict[str, Any]:
     """aAcc, mIoU, mAcc, per-class ``IoU``/``Acc`` (fractions, NaN where undefined) and, for RankSeg models,
-    ``image_recall``; ``options`` are those of ``confusion`` (num_classes and ignore_index are required)."""
+    ``image_recall``/``pixel_recall``; ``options`` are those of ``confusion`` (num_classes and ignore_index are
+    required)."""
     hist, recall = confusion(model, dataset, cfg, **options)
     return results_of(hist, recall, len(dataset), class_names)
 
 
-def results_of(hist: Tensor, image_recall: float | None, num_images: int,
+def results_of(hist: Tensor, recalls: dict[str, float], num_images: int,
                class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The results record of a confusion matrix (``metrics.summarize``) with the image recall and counts."""
-    results = summarize(hist)
-    if image_recall is not None:
-        results["image_recall"] = image_recall
+    """The results record of a confusion matrix (``metrics.summarize``) with RankSeg's recalls and counts."""
+    results = summarize(hist) | recalls
     results["num_images"] = num_images
     if class_names is not None:
         results["class_names"] = list(class_names)
@@ -53,9 +52,10 @@ def confusion(
     progress: bool = True,
     img_scale: tuple[int, int] | None = None,
     workers: int = 0,
-) -> tuple[Tensor, float | None]:
+) -> tuple[Tensor, dict[str, float]]:
     """The (N, N) int64 confusion matrix ``hist[label, prediction]`` over the dataset and, for RankSeg models, the
-    image recall: the mean over images of the share of the label's classes selected in some window/augmentation.
+    recalls: ``image_recall``, the mean over images of the share of the label's classes selected in some
+    window/augmentation, and ``pixel_recall``, the same for the share of labelled pixels whose class was selected.
 
     Items are dicts with ``image`` (3, H, W) normalised at test size and ``label`` (H0, W0) at the original size.
     Under torch.distributed each process takes every world-th image and the counts are summed over processes.
@@ -69,7 +69,8 @@ def confusion(
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=None, num_workers=workers)
     hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    recall = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image recalls, images counted
+    # sums of per-image recalls (classes, labelled pixels) and the number of images counted
+    recall = torch.zeros(3, dtype=torch.float64, device=device)
     if oracle and not model.needs_present_classes:
         raise SegrankError("oracle evaluation needs a GT-oracle model (head type rankseg_gt)")
     was_training = model.training
@@ -84,9 +85,12 @@ def confusion(
             hist += confusion_matrix(pred.label, label, num_classes, ignore_index)
             if pred.selected is not None and bool(present.any()):
                 recall[0] += present[pred.selected].sum().double() / present.sum()
-                recall[1] += 1
+                recall[1] += counts[pred.selected].sum().double() / counts.sum()
+                recall[2] += 1
     finally:
         model.train(was_training)
     all_reduce_(hist)
     all_reduce_(recall)
-    return hist.cpu(), float(recall[0] / recall[1]) if recall[1] > 0 else None
+    recalls = {"image_recall": float(recall[0] / recall[2]), "pixel_recall": float(recall[1] / recall[2])} \
+        if recall[2] > 0 else {}
+    return hist.cpu(), recalls

@@ -1,4 +1,11 @@
-"""Optimiser and learning-rate schedule with the reference's semantics (mmcv SGD + paramwise decay, poly lr)."""
+"""Optimiser and learning-rate schedule with the reference's semantics (mmcv SGD + paramwise rules, poly lr), and
+AdamW as an option.
+
+Parameter rules follow mmcv's ``DefaultOptimizerConstructor`` ``paramwise_cfg``: ``decay_mult`` and ``lr_mult`` map
+substrings of the reference (mmseg) parameter names to multipliers; ``norm_decay_mult`` and ``bias_decay_mult`` set
+the decay of normalisation-layer parameters and of other layers' biases that no ``decay_mult`` key matches. The
+reference configs use ``decay_mult`` only, so with the defaults every parameter gets the one base learning rate.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +16,61 @@ from torch import nn
 
 from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.config import TrainConfig
+from segrank.models.rankseg_head import SelectedLayerNorm
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, SelectedLayerNorm)
+
+
+def key_multiplier(reference_name: str, rules: dict[str, float]) -> float | None:
+    """mmcv ``custom_keys`` rule: keys sorted by length (longest first, ties alphabetical); the first key that is a
+    substring of the parameter's reference name gives its multiplier; None when no key matches."""
+    for key in sorted(sorted(rules), key=len, reverse=True):
+        if key in reference_name:
+            return rules[key]
+    return None
 
 
 def decay_multiplier(reference_name: str, decay_mult: dict[str, float]) -> float:
-    """mmcv ``DefaultOptimizerConstructor`` rule: keys sorted by length (longest first, ties alphabetical); the first
-    key that is a substring of the parameter's reference name gives its multiplier; none matching gives 1."""
-    for key in sorted(sorted(decay_mult), key=len, reverse=True):
-        if key in reference_name:
-            return decay_mult[key]
-    return 1.0
+    """The weight-decay multiplier ``decay_mult`` gives a parameter (1 when no key matches)."""
+    mult = key_multiplier(reference_name, decay_mult)
+    return 1.0 if mult is None else mult
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, decay_mult: dict[str, float], reference_name: Callable[[str], str]
+    model: nn.Module, weight_decay: float, decay_mult: dict[str, float], reference_name: Callable[[str], str], *,
+    lr_mult: dict[str, float] | None = None, norm_decay_mult: float | None = None,
+    bias_decay_mult: float | None = None,
 ) -> list[dict]:
-    """One SGD param group per distinct weight decay, in order of first appearance (deterministic).
+    """One param group per distinct (weight decay, lr multiplier), in order of first appearance (deterministic).
 
     ``reference_name`` maps our parameter names to the reference's (``checkpoints.mmseg.to_mmseg_name``): the keys in
     the configs were written against the reference's names (e.g. its backbone LayerNorms are ``ln1``/``ln2``, so "norm"
-    must not match them).
+    must not match them). Each group carries ``lr_mult``, which ``set_lr`` applies. ``lr_mult`` and
+    ``decay_mult`` are matched independently, so a learning-rate rule never changes a parameter's decay.
     """
-    groups: dict[float, list[nn.Parameter]] = {}
+    in_norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        wd = weight_decay * decay_multiplier(reference_name(name), decay_mult)
-        groups.setdefault(wd, []).append(param)
-    return [{"params": params, "weight_decay": wd} for wd, params in groups.items()]
+        ref = reference_name(name)
+        decay = key_multiplier(ref, decay_mult)
+        if decay is None and norm_decay_mult is not None and id(param) in in_norm:
+            decay = norm_decay_mult
+        if decay is None and bias_decay_mult is not None and name.rsplit(".", 1)[-1] == "bias" \
+                and id(param) not in in_norm:
+            decay = bias_decay_mult
+        lr = key_multiplier(ref, lr_mult or {})
+        key = (weight_decay * (1.0 if decay is None else decay), 1.0 if lr is None else lr)
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "weight_decay": wd, "lr_mult": lr} for (wd, lr), params in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_mult, to_mmseg_name)
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_mult, to_mmseg_name, lr_mult=cfg.lr_mult,
+                          norm_decay_mult=cfg.norm_decay_mult, bias_decay_mult=cfg.bias_decay_mult)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -53,5 +84,7 @@ def poly_lr(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Base learning rate ``lr`` times each group's ``lr_mult`` (groups of checkpoints written before lr_mult
+    existed have none: 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -21,6 +21,13 @@ def read_log(work_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
+def seconds_per_iteration(work_dir: Path) -> float:
+    """Mean training time per iteration of a run, from its log (evaluations excluded)."""
+    records = [r for r in read_log(work_dir) if r.get("type") == "train"]
+    steps = [0] + [r["step"] for r in records]
+    return sum((b - a) * r["time_s"] for a, b, r in zip(steps, steps[1:], records, strict=False)) / max(1, steps[-1])
+
+
 def _save(fig: Figure, path: Path) -> None:
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
 
@@ -84,6 +91,30 @@ def compare_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
     return written
 
 
+def recall_curves(runs: dict[str, Path], path: Path, k: int, num_classes: int) -> Path | None:
+    """RankSeg's image-level recall@k over training: on the training batches (``image_recall`` of the train records)
+    and on the validation images (that of the eval records), with the recall of k classes drawn at random."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    drawn = False
+    for label, work_dir in runs.items():
+        records = read_log(work_dir)
+        for key, kind, style, what in (("image_recall", "train", "-", "training batches"),
+                                       ("image_recall", "eval", "o-", "validation")):
+            points = [(r["step"], 100 * r[key]) for r in records if r.get("type") == kind and key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, markersize=4, label=f"{label}, {what}")
+                drawn = True
+    if not drawn:
+        return None
+    ax.axhline(100 * k / num_classes, color="grey", linestyle=":", label=f"chance ({k} of {num_classes} at random)")
+    ax.set(xlabel="iteration", ylabel="%", ylim=(0, 100), title=f"image-level recall@{k}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
 def per_class_iou_chart(ious: dict[str, Sequence[float]], path: Path, class_names: Sequence[str] | None = None,
                         top: int = 40) -> Path:
     """Grouped bars of per-class IoU (NaN = class absent) for the ``top`` classes with the largest IoU in any run."""
@@ -136,5 +167,30 @@ def confused_pairs_chart(pairs: Sequence[tuple[int, int, float, int]], class_nam
         ax.set_yticks([])
     ax.set(xlabel="% of the label class's pixels predicted as the other class",
            title=f"most confused classes (label -> prediction), {len(pairs)} pairs")
+    _save(fig, path)
+    return path
+
+
+def learning_curves(case: dict[str, Any], path: Path, k: int) -> Path:
+    """``segrank benchmark learn``, one vocabulary size and seed: validation mIoU of every head over training (left),
+    RankSeg's image-level recall@k and pixel recall on the validation scenes and training batches (right)."""
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
+    for head, run in case["heads"].items():
+        points = [(r["step"], 100 * r["mIoU"]) for r in run["eval_curve"]]
+        left.plot(*zip(*points, strict=True), "o-", markersize=3, label=head)
+    left.set(xlabel="iteration", ylabel="val mIoU (%)", title=f"N = {case['num_classes']}, seed {case['seed']}")
+    rank = case["heads"]["rankseg"]
+    for key, curve, style, label in (("image_recall", "eval_curve", "o-", f"val recall@{k}"),
+                                     ("pixel_recall", "eval_curve", "s--", "val pixel recall"),
+                                     ("image_recall", "train_curve", "-", f"training-batch recall@{k}")):
+        points = [(r["step"], 100 * r[key]) for r in rank[curve] if key in r]
+        if points:
+            right.plot(*zip(*points, strict=True), style, markersize=3, label=label)
+    right.axhline(100 * k / case["num_classes"], color="grey", linestyle=":", label="chance")
+    right.set(xlabel="iteration", ylabel="%", ylim=(0, 100), title="RankSeg's image-level selection")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     _save(fig, path)
     return path

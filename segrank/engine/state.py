@@ -199,5 +199,5 @@ def truncate_log(path: Path, step: int) -> None:
 def write_eval_results(work_dir: Path, step: int, results: dict[str, Any]) -> None:
     """``eval/iter_<step>.json`` (standard JSON: the NaN IoU of an absent class becomes null) and a log record."""
     files.write_json(work_dir / "eval" / f"{checkpoint_name(step)}.json", results | {"step": step})
-    summary = {k: results[k] for k in ("mIoU", "aAcc", "mAcc", "image_recall") if k in results}
+    summary = {k: results[k] for k in ("mIoU", "aAcc", "mAcc", "image_recall", "pixel_recall") if k in results}
     append_log(work_dir / "log.jsonl", {"type": "eval", "step": step} | summary)

@@ -70,8 +70,23 @@ def pixel_accuracy(logits: Tensor, target: Tensor) -> Tensor:
     return (hits / target.numel()).float().reshape(1)
 
 
-def bce_image_loss(image_logits: Tensor, targets: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(image_logits.float(), targets)
+IMAGE_REDUCTIONS = ("mean", "sum_classes")
+
+
+def reduce_image_loss(loss: Tensor, reduction: str) -> Tensor:
+    """(B, n) per-class image losses -> scalar. ``mean``: sum / (B * n), the reference; ``sum_classes``: sum over the
+    classes, mean over the images, as in the ASL paper, so the loss of one class does not shrink as 1/n when the
+    vocabulary grows."""
+    if reduction not in IMAGE_REDUCTIONS:
+        raise ValueError(f"image loss reduction {reduction!r} is not one of {IMAGE_REDUCTIONS}")
+    return loss.sum() / loss.shape[0] / (loss.shape[1] if reduction == "mean" else 1)
+
+
+def bce_image_loss(image_logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    if reduction == "mean":  # the reference's call, bit for bit
+        return F.binary_cross_entropy_with_logits(image_logits.float(), targets)
+    loss = F.binary_cross_entropy_with_logits(image_logits.float(), targets, reduction="none")
+    return reduce_image_loss(loss, reduction)
 
 
 def asymmetric_loss(
@@ -81,9 +96,10 @@ def asymmetric_loss(
     gamma_pos: float = 1.0,
     clip: float = 0.05,
     eps: float = 1e-5,
+    reduction: str = "mean",
 ) -> Tensor:
-    """Asymmetric loss (Ridnik et al.) as in the RankSeg reference: the negative clip is always applied,
-    and the sum is divided by B * n."""
+    """Asymmetric loss (Ridnik et al.) as in the RankSeg reference: the negative clip is always applied, and
+    (``mean``) the sum is divided by B * n."""
     p = torch.sigmoid(image_logits.float())
     p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
     loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
@@ -91,7 +107,7 @@ def asymmetric_loss(
         pt = p * targets + p_neg * (1 - targets)
         gamma = gamma_pos * targets + gamma_neg * (1 - targets)
         loss = loss * torch.pow(1 - pt, gamma)
-    return -loss.sum() / image_logits.shape[0] / image_logits.shape[1]
+    return reduce_image_loss(-loss, reduction)
 
 
 def _hits(hist: Tensor, class_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -150,10 +150,10 @@ class Segmentor(nn.Module):
         if output.image_logits is not None:
             presence = L.presence_targets(labels, self.num_classes, ignore_index)
             if cfg.image_loss == "bce":
-                img_loss = L.bce_image_loss(output.image_logits, presence)
+                img_loss = L.bce_image_loss(output.image_logits, presence, cfg.image_reduction)
             else:
                 img_loss = L.asymmetric_loss(output.image_logits, presence, cfg.asl_gamma_neg, cfg.asl_gamma_pos,
-                                             cfg.asl_clip, cfg.asl_eps)
+                                             cfg.asl_clip, cfg.asl_eps, cfg.image_reduction)
             out["loss_img"] = img_loss * cfg.image_loss_weight
             total = total + out["loss_img"]
         if output.is_sparse:

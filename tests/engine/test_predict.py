@@ -50,7 +50,9 @@ class Scenes(torch.utils.data.Dataset):
 
 
 def reference_evaluate(model, dataset, cfg):
-    hist, recalls = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64), []
+    """Confusion-matrix metrics, per-image class recalls and per-image pixel recalls (labelled pixels whose class
+    was selected)."""
+    hist, recalls, pixel_recalls = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64), [], []
     for i in range(len(dataset)):
         item = dataset[i]
         label = item["label"]
@@ -62,7 +64,9 @@ def reference_evaluate(model, dataset, cfg):
         hist += confusion_matrix(pred.probs.argmax(0), label, NUM_CLASSES, IGNORE)
         if pred.selected is not None:
             recalls.append(np.isin(classes.numpy(), pred.selected.numpy()).mean())
-    return summarize(hist), recalls
+            labelled = label[label != IGNORE].numpy()
+            pixel_recalls.append(np.isin(labelled, pred.selected.numpy()).mean())
+    return summarize(hist), recalls, pixel_recalls
 
 
 @pytest.mark.parametrize("head", ["rankseg", "segmenter", "rankseg_gt"])
@@ -72,15 +76,16 @@ def test_evaluate_matches_per_image_dense_reference(head):
     dataset = Scenes()
     res = evaluate(model, dataset, cfg, num_classes=NUM_CLASSES, ignore_index=IGNORE, progress=False,
                    class_names=[f"c{i}" for i in range(NUM_CLASSES)])
-    expected, recalls = reference_evaluate(model, dataset, cfg)
+    expected, recalls, pixel_recalls = reference_evaluate(model, dataset, cfg)
     assert res["mIoU"] == pytest.approx(expected["mIoU"]) and res["IoU"] == pytest.approx(expected["IoU"], nan_ok=True)
     assert res["aAcc"] == pytest.approx(expected["aAcc"]) and res["num_images"] == len(dataset)
     if head == "segmenter":
         assert "image_recall" not in res
     else:
         assert res["image_recall"] == pytest.approx(float(np.mean(recalls)))
+        assert res["pixel_recall"] == pytest.approx(float(np.mean(pixel_recalls)))
     if head == "rankseg_gt":
-        assert res["image_recall"] == 1.0  # the oracle receives every label class
+        assert res["image_recall"] == res["pixel_recall"] == 1.0  # the oracle receives every label class
 
 
 def test_evaluate_shards_across_processes(tmp_path):
