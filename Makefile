@@ -10,7 +10,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python requirements-lock.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements-lock.txt
-	$(BIN)/pip install -q -e '.[dev,onnx]' -c requirements-lock.txt
+	$(BIN)/pip install -q -e '.[dev,onnx,hf,mlflow,wandb,openvino]' -c requirements-lock.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,8 +3,8 @@
 from segrank.checkpoints import from_pretrained, load_model, save_model, save_pretrained
 from segrank.config import Config, ModelConfig, load_config
 from segrank.config.inference import InferenceConfig
-from segrank.engine.prediction import Prediction
-from segrank.engine.predictor import Predictor, predict
+from segrank.inference.prediction import Prediction
+from segrank.inference.predictor import Predictor, predict
 from segrank.models import Segmentor, SegOutput, build_model
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import segrank
-from segrank.config import VIT_PRESETS, Config, ConfigError, ViTPreset, load_config
+from segrank import files
+from segrank.config import VIT_PRESETS, Config, ConfigError, ViTPreset, load_config, to_dict
+from segrank.config.docs import render_config_docs
 from segrank.config.fields import Bound, bound_of, doc_of
+from tests.reliability.common import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "_base_" not in p.relative_to(REPO).parts)
@@ -234,3 +239,113 @@ def test_empty_config_file_is_refused(tmp_path):
     (tmp_path / "list.yaml").write_text("- train\n")
     with pytest.raises(ConfigError, match=r"list\.yaml: top level must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The files' structure: YAML 1.2 numbers, duplicate keys, _base_ chains, bytes
+
+
+# (plain YAML text, the value YAML 1.2's core schema gives it)
+YAML12_SCALARS = [
+    ("1e-3", 0.001), ("1E5", 100000.0), ("-2e+4", -20000.0), (".5", 0.5), ("+1.0", 1.0), ("1.", 1.0),
+    ("1e-06", 1e-06), ("1.0e-05", 1e-05), ("-.5E-2", -0.005), ("012", 12), ("-7", -7), ("+3", 3), ("0x1F", 31),
+    ("0o17", 15), ("1_000", "1_000"), ("1:30", "1:30"), ("0b101", "0b101"), ("1e", "1e"), ("e3", "e3"),
+    (".", "."), ("1.2.3", "1.2.3"), (".inf", math.inf), ("-.Inf", -math.inf), ("+.INF", math.inf),
+]
+
+
+@pytest.mark.parametrize("text,value", YAML12_SCALARS, ids=[t for t, _ in YAML12_SCALARS])
+def test_yaml_reads_numbers_by_yaml_1_2(text, value):
+    assert files.parse_yaml(f"x: {text}") == {"x": value}
+    assert type(files.parse_yaml(text)) is type(value)
+    # Written back by segrank's dumper, the value (a number, or a text that looks like one) reads back as it was.
+    assert files.parse_yaml(files.dump_yaml({"x": value, "as_text": text})) == {"x": value, "as_text": text}
+
+
+def test_yaml_nan_is_a_float_and_yaml_module_stays_yaml_1_1():
+    assert math.isnan(files.parse_yaml(".nan"))
+    assert yaml.safe_load("1e-3") == "1e-3"  # yaml's own loaders are untouched (a subclass holds the YAML 1.2 rules)
+    assert yaml.safe_load("1_000") == 1000
+
+
+def test_exponent_numbers_in_files_and_set(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("model:\n  backbone: {norm_eps: 1e-06}\ntrain: {lr: 2E-3, min_lr: .5e-5}\n")
+    cfg = load_config(tmp_path / "cfg.yaml", ["train.weight_decay=1e-2", "model.head.norm_eps=+1e-5"])
+    assert (cfg.model.backbone.norm_eps, cfg.train.lr, cfg.train.min_lr) == (1e-06, 0.002, 5e-06)
+    assert (cfg.train.weight_decay, cfg.model.head.norm_eps) == (0.01, 1e-05)
+    with pytest.raises(ConfigError, match=r"^train\.max_iters: expected an integer, got '1_000'$"):
+        load_config(None, ["train.max_iters=1_000"])
+    assert load_config(None, ["train.max_iters=012"]).train.max_iters == 12  # YAML 1.2: decimal, not octal 10
+
+
+def documented_default(key: str) -> str:
+    """The default of ``key`` as docs/config.md prints it (the text between backquotes in its row)."""
+    section, name = key.rsplit(".", 1)
+    part = render_config_docs().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in part.splitlines() if line.startswith(f"| `{name}` |"))
+    return row.split(" | ")[2].strip("`")
+
+
+@pytest.mark.parametrize("key,f,tp", SCHEMA, ids=[key for key, _, _ in SCHEMA])
+def test_every_documented_default_loads_again(key, f, tp):
+    text = documented_default(key)
+    default = to_dict(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    assert files.parse_yaml(text) == default, f"{key}: docs/config.md prints {text!r}"
+    section, name = key.rsplit(".", 1)
+    loaded = load_config(None, [f"{key}={text}"])
+    assert to_dict(loaded) == to_dict(Config()), key  # as a --set value it leaves the config at its defaults
+    nested: dict = {name: files.parse_yaml(text)}
+    for part in reversed(section.split(".")):
+        nested = {part: nested}
+    assert files.parse_yaml(files.dump_yaml(nested)) == nested
+
+
+def test_config_show_output_loads_again_with_texts_that_look_like_numbers(tmp_path, capsys):
+    # Texts that YAML 1.2 would read as numbers (1e5, 0o17) are quoted when shown; 1_000 is a text in YAML 1.2.
+    (tmp_path / "cfg.yaml").write_text("data: {root: '1e5', train_split: '0o17', val_split: 1_000}\n")
+    sets = ["train.min_lr=1e-6", "model.backbone.norm_eps=1E-5"]
+    code, out, err = run_cli(["config", "show", tmp_path / "cfg.yaml", *[a for s in sets for a in ("--set", s)]],
+                             capsys)
+    assert code == 0, err
+    (tmp_path / "shown.yaml").write_text(out)
+    shown = load_config(tmp_path / "shown.yaml")
+    assert shown == load_config(tmp_path / "cfg.yaml", sets)
+    assert (shown.data.root, shown.data.train_split, shown.data.val_split) == ("1e5", "0o17", "1_000")
+    assert (shown.train.min_lr, shown.model.backbone.norm_eps) == (1e-6, 1e-5)
+
+
+def test_duplicate_keys_are_refused_at_any_depth_but_merge_keys_override(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("train:\n  lr: 0.1\neval:\n  mode: whole\ntrain:\n  max_iters: 5\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: not valid YAML \(duplicate key 'train' at line 5, first at "
+                                          r"line 1\)$"):
+        load_config(tmp_path / "cfg.yaml")
+    (tmp_path / "deep.yaml").write_text("data:\n  options:\n    sizes: {a: 1, b: 2, a: 3}\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: not valid YAML \(duplicate key 'a' at line 3, first at "
+                                          r"line 3\)$"):
+        load_config(tmp_path / "deep.yaml")
+    # "<<: *anchor" merges a mapping whose keys the mapping itself may then set: no duplicate.
+    (tmp_path / "merge.yaml").write_text("eval: &base {batch_size: 3}\ntrain:\n  max_iters: 4\n  <<: [*base, "
+                                         "{max_iters: 9, lr: 0.5}]\n  batch_size: 6\n")
+    cfg = load_config(tmp_path / "merge.yaml")
+    assert (cfg.train.max_iters, cfg.train.lr, cfg.train.batch_size, cfg.eval.batch_size) == (4, 0.5, 6, 3)
+
+
+def test_base_files_may_share_a_base_without_a_cycle(tmp_path):
+    (tmp_path / "common.yaml").write_text("train: {lr: 0.5, max_iters: 3}\n")
+    (tmp_path / "model.yaml").write_text("_base_: common.yaml\nmodel: {num_classes: 5}\n")
+    (tmp_path / "schedule.yaml").write_text("_base_: [./common.yaml]\ntrain: {max_iters: 7}\n")
+    (tmp_path / "cfg.yaml").write_text("_base_: [model.yaml, schedule.yaml]\ntrain: {lr: 0.25}\n")
+    cfg = load_config(tmp_path / "cfg.yaml")
+    assert (cfg.model.num_classes, cfg.train.max_iters, cfg.train.lr) == (5, 7, 0.25)
+    (tmp_path / "common.yaml").write_text("_base_: ../" + tmp_path.name + "/cfg.yaml\n")
+    with pytest.raises(ConfigError, match=r"common\.yaml: _base_ cycle: .*/cfg\.yaml -> .*/model\.yaml -> "
+                                          r".*/common\.yaml -> .*/cfg\.yaml$"):
+        load_config(tmp_path / "cfg.yaml")
+
+
+def test_files_too_large_for_settings_are_refused_unread(tmp_path):
+    big = tmp_path / "weights.yaml"
+    with open(big, "wb") as f:
+        f.truncate(files.MAX_YAML_BYTES + 1)  # sparse: nothing to write, and nothing may be read
+    with pytest.raises(ConfigError, match=r"weights\.yaml: 16\.0 MiB, too large for a text file of settings"):
+        load_config(big)

@@ -11,7 +11,7 @@ import torch
 
 from segrank.config import DataConfig
 from segrank.data.datasets import build_dataset
-from segrank.engine.sampling import collate
+from segrank.training.sampling import collate
 
 
 def bench_data(crop: int = 512, images: int = 64, workers: int = 2, batch_size: int = 8, image_size: int = 512,

@@ -10,7 +10,7 @@ import torch
 
 from segrank.benchmarks.measure import measure_memory, memory_kind, model_config, time_interleaved
 from segrank.config import EvalConfig
-from segrank.engine.inference import Prediction, predict_image
+from segrank.inference.windows import ImageProbabilities, predict_image
 from segrank.models.segmentor import Segmentor
 
 
@@ -31,7 +31,7 @@ def _eval_setup(backbone: str, num_classes: int, height: int, width: int, device
     return model, image, cfg
 
 
-def _eval_once(model: Segmentor, image: torch.Tensor, cfg: EvalConfig, dense: bool) -> Prediction:
+def _eval_once(model: Segmentor, image: torch.Tensor, cfg: EvalConfig, dense: bool) -> ImageProbabilities:
     """The reference's test: scales of img_scale = (4 * short side, short side), the image's own scale-1 size."""
     size = tuple(image.shape[-2:])
     return predict_image(model, image, size, cfg, ms_flip=True, img_scale=(4 * min(size), min(size)), dense=dense)

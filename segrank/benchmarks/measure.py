@@ -9,6 +9,7 @@ that runs exactly the measured work, with the process's peak before the work alo
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import platform
 import statistics
@@ -18,23 +19,53 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from segrank.config import ModelConfig, from_dict
+from segrank.runtime.devices import PRECISIONS
+from segrank.runtime.precision import cpu_flags, matmul_rate
 
-AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKBONES = ["vit_t16", "vit_s16", "vit_b16", "vit_l16"]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, torch threads and version, device (and GPU name): recorded with every benchmark result."""
+    """CPU model and its instruction-set flags (``runtime.precision.CPU_FLAGS`` it has), torch threads and version,
+    device, and the device's fp32 and bf16 matrix-multiply rates (``matmul_yardstick``): recorded with every
+    benchmark result. On a GPU also its name, memory, compute capability, CUDA version and whether fp32 matrix
+    products and convolutions may use TF32."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux only
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    info = {"cpu": cpu, "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device)}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+                 "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+                 "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}
+    yardsticks = {name: matmul_yardstick(device, name) for name in YARDSTICK_PRECISIONS}
+    info["matmul_gflops_per_s"] = {name: rate for name, (rate, _) in yardsticks.items()}
+    info["matmul_size"] = {name: size for name, (_, size) in yardsticks.items()}
     return info
+
+
+# The precisions whose matrix-multiply rates every record carries: a bf16 result is judged against the bf16 rate.
+YARDSTICK_PRECISIONS = ("fp32", "bf16")
+# The yardstick's square size doubles from 256 until one product takes YARDSTICK_SECONDS, up to 2048 (8192 on a
+# GPU): the largest where products are fast, smaller where a format has no hardware support (bf16 on AVX2 CPUs is
+# ~100x slower), so that no benchmark waits minutes for its yardstick.
+YARDSTICK_SECONDS = 0.2
+YARDSTICK_SIZES = {"cpu": (256, 2048), "cuda": (1024, 8192)}  # a 2048 product is too short for a GPU
+
+
+@functools.cache
+def matmul_yardstick(device: torch.device, precision: str) -> tuple[float, int]:
+    """(GFLOP/s, square size) of ``torch.mm`` in ``precision`` on ``device``: ``runtime.precision.matmul_rate``
+    at the size ``YARDSTICK_SECONDS`` picks; measured once per process."""
+    dtype = PRECISIONS[precision]
+    size, high = YARDSTICK_SIZES.get(device.type, YARDSTICK_SIZES["cpu"])
+    while size < high and 2 * size**3 / matmul_rate(device, dtype, size=size, reps=1) / 1e9 < YARDSTICK_SECONDS:
+        size *= 2
+    return matmul_rate(device, dtype, size=size), size
 
 
 @contextmanager
@@ -111,20 +142,6 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, device: torch
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_gflops(device: torch.device, size: int = 2048, reps: int = 5) -> float:
-    """This machine's fp32 matrix-multiply rate, the yardstick for achieved GFLOP/s."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    seconds = time_interleaved({"mm": lambda: torch.mm(a, b)}, reps, device)["mm"]
-    return 2 * size**3 / seconds / 1e9
 
 
 def model_config(backbone: str, head: str, num_classes: int, size: int) -> ModelConfig:

@@ -7,30 +7,22 @@ alone rebuilds the model and predicts as it did where it was trained. ``pretrain
 - ``mmseg`` (mmseg.py): RankSeg fork / mmseg 0.17 ``.pth``; architecture from ``meta.config``, parsed, never run.
 - ``segmenter`` (segmenter.py): the official Segmenter ``checkpoint.pth`` with its ``variant.yml`` beside it.
 - ``npz`` / ``timm`` (vit_weights.py): ViT backbone weights; the head is freshly initialised from ``config``.
-A path may also be a folder that stands for a checkpoint (detect.py), and the layout is judged by content, never by
-the file name. Pickled files are always read with ``torch.load(weights_only=True)``: a checkpoint can never run code.
+Each layout is a record of the table in formats.py (how to detect, load and export it). A path may also be a folder
+that stands for a checkpoint (detect.py), and the layout is judged by content, never by the file name. Pickled files
+are always read with ``torch.load(weights_only=True)``: a checkpoint can never run code.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
-
-from segrank import files
-from segrank.checkpoints.detect import detect_format, resolve_checkpoint
-from segrank.checkpoints.mmseg import load_mmseg, mmseg_checkpoint
-from segrank.checkpoints.native import load_native, save_model, weights
+from segrank.checkpoints.detect import resolve_checkpoint
+from segrank.checkpoints.formats import FORMATS, checkpoint_format, detect_format, exporter, format_of
+from segrank.checkpoints.native import save_model
 from segrank.checkpoints.pretrained import from_pretrained, save_pretrained
-from segrank.checkpoints.segmenter import load_segmenter, segmenter_checkpoint
-from segrank.checkpoints.vit_weights import load_backbone_checkpoint, state_dict_to_npz
 from segrank.config import ModelConfig, model_config_from
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
-
-FORMATS = ("native", "mmseg", "segmenter", "npz", "timm", "pretrained")
 
 __all__ = ["FORMATS", "CheckpointError", "describe", "detect_format", "export_checkpoint", "from_pretrained",
            "load_model", "resolve_checkpoint", "save_model", "save_pretrained"]
@@ -46,43 +38,17 @@ def load_model(
     that do not carry it (npz, timm), and overrides the one stored in the others. To fine-tune a loaded model,
     call ``model.train().requires_grad_(True)``.
     """
-    if format not in FORMATS + ("auto",):
-        raise CheckpointError(f"unknown checkpoint format {format!r} (choose from {', '.join(FORMATS)})")
+    named = checkpoint_format(format) if format != "auto" else None
     path = resolve_checkpoint(Path(path))
-    fmt = detect_format(path) if format == "auto" else format
+    fmt = named or format_of(path)
     cfg = model_config_from(config) if config is not None else None
-    if fmt == "native":
-        model = load_native(path, cfg)
-    elif fmt == "pretrained":
-        model = from_pretrained(path, cfg)
-    elif fmt == "mmseg":
-        model = load_mmseg(path, cfg)
-    elif fmt == "segmenter":
-        model = load_segmenter(path, cfg)
-    else:
-        model = load_backbone_checkpoint(path, cfg, fmt)
-    return model.eval().requires_grad_(False)
+    return fmt.load(path, cfg).eval().requires_grad_(False)
 
 
 def export_checkpoint(model: Segmentor, path: str | Path, format: str) -> Path:
     """Write ``model`` in a foreign layout: mmseg .pth, official Segmenter folder, npz or timm (backbones only)."""
     path = Path(path)
-    sd = weights(model)
-    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if format == "mmseg":
-        ckpt = mmseg_checkpoint(model.cfg, sd, model.inference)
-        files.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-    elif format == "segmenter":
-        ckpt, variant = segmenter_checkpoint(model.cfg, sd, model.inference)
-        files.atomic_write(path / "checkpoint.pth", lambda tmp: torch.save(ckpt, tmp))
-        files.write_text(path / "variant.yml", variant)
-    elif format == "npz":
-        arrays = state_dict_to_npz(backbone, model.cfg.backbone.num_heads)
-        files.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
-    elif format == "timm":
-        files.atomic_write(path, lambda tmp: save_file(backbone, tmp))
-    else:
-        raise CheckpointError(f"cannot export to format {format!r}")
+    exporter(format)(model, path)
     return path
 
 

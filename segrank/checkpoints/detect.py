@@ -3,9 +3,9 @@
 A folder stands for the checkpoint inside it: a ``save_pretrained`` folder (config.json + model.safetensors), a
 training run's work dir (the checkpoint its ``latest`` pointer names) or an official Segmenter run (variant.yml). A
 file's first bytes tell safetensors (a little-endian header length, then JSON), a PyTorch file (zip with
-``data.pkl``, or a pickle) and an ``.npz`` archive (zip of ``.npy`` members) apart; what a PyTorch file holds tells
-an mmseg checkpoint, an official Segmenter one, a backbone state dict, or a file that is no model at all (a training
-state, an optimizer state). Anything else gets a message saying what the file is.
+``data.pkl``, or a pickle) and an ``.npz`` archive (zip of ``.npy`` members) apart. ``CheckpointContent`` is what the
+formats' ``detect`` functions (formats.py) ask about a resolved path; a path that no format claims gets a message
+saying what it is instead (``unclaimed_error``): a training or optimizer state, an image, a text file, ...
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,9 @@ from segrank.errors import CheckpointError
 
 LATEST = "latest"  # a run's checkpoint folder: the pointer file naming its newest complete checkpoint
 PRETRAINED_FILES = ("config.json", "model.safetensors")
-NATIVE_KEY = "segrank_config"  # safetensors metadata of segrank's native format: the ModelConfig as YAML
 TRAINING_STATE_KEYS = {"step", "seed", "optimizer", "scaler"}
-VIT_NAMES = ("patch_embed", "pos_embed", "cls_token")  # in every ViT backbone's parameter names (timm, ours)
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+MAX_POINTER_BYTES = 255  # a ``latest`` pointer holds one checkpoint name
 
 # (first bytes, what the file is) of files people hand over by mistake.
 _MAGIC = [
@@ -48,12 +48,11 @@ def resolve_checkpoint(path: Path) -> Path:
     if all((path / name).is_file() for name in PRETRAINED_FILES):
         return path
     for folder in (path / "checkpoints", path):
-        pointer = folder / LATEST
-        if pointer.is_file():
-            name = pointer.read_text().strip()
+        name = read_latest(folder)
+        if name is not None:
             weights = folder / f"{name}.safetensors"
-            if not name or not weights.is_file():
-                raise CheckpointError(f"{pointer}: names checkpoint {name!r}, but {weights.name} is not there")
+            if not weights.is_file():
+                raise CheckpointError(f"{folder / LATEST}: names checkpoint {name!r}, but {weights.name} is not there")
             return weights
     if (path / "variant.yml").is_file():
         return path
@@ -64,29 +63,120 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path}: not a checkpoint folder ({_FOLDER_HELP})")
 
 
-def detect_format(path: Path) -> str:
-    """The layout of a resolved checkpoint path (see ``resolve_checkpoint``), one of the loaders' format names."""
-    if path.is_dir():
-        return "pretrained" if (path / PRETRAINED_FILES[0]).is_file() else "segmenter"
-    if path.name == "variant.yml":
-        return "segmenter"
-    kind, header = file_kind(path)
-    if kind == "npz":
-        return "npz"
-    if kind == "safetensors":
-        if NATIVE_KEY in (header.get("__metadata__") or {}):
-            return "native"
-        return backbone_format([k for k in header if k != "__metadata__"], path, "a .safetensors file")
-    return torch_format(files.read_torch(path), path)
+def pretrained_folder(path: Path) -> bool:
+    """Whether a resolved folder is a ``save_pretrained`` one (its config.json), rather than an official run's."""
+    return (path / PRETRAINED_FILES[0]).is_file()
 
 
-def backbone_format(names: list[str], path: Path, what: str) -> str:
-    """``timm`` for tensors named as a ViT backbone's; anything else is refused, saying what it is."""
-    if any(part in name for name in names for part in VIT_NAMES):
-        return "timm"
-    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
-    raise CheckpointError(f"{path}: {what} of tensors ({shown}) that are neither a segrank model nor ViT backbone "
-                          "weights")
+def read_latest(folder: Path) -> str | None:
+    """The checkpoint name ``folder``'s ``latest`` pointer holds (None: no pointer). It may only name a checkpoint
+    of its own folder: a pointer that is no short UTF-8 line, is empty or holds a path is refused."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        with open(pointer, "rb") as f:
+            data = f.read(MAX_POINTER_BYTES + 1)
+        name = data.decode("utf-8").strip()
+    except OSError as err:
+        raise CheckpointError(f"{pointer}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        name = None
+    if name is None or len(data) > MAX_POINTER_BYTES or not name.isprintable():
+        raise CheckpointError(f"{pointer}: not a checkpoint pointer (one line naming a checkpoint of this folder, "
+                              "e.g. iter_0000100)")
+    if not name:
+        raise CheckpointError(f"{pointer}: empty; it should name the newest checkpoint of this folder, e.g. "
+                              "iter_0000100")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise CheckpointError(f"{pointer}: names {name!r}, a path; a pointer may only name a checkpoint in its own "
+                              f"folder {folder}")
+    return name
+
+
+class CheckpointContent:
+    """A resolved checkpoint path (``resolve_checkpoint``) as the formats' ``detect`` functions see it. Each property
+    reads only what it needs, once, however many formats ask."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @cached_property
+    def sniffed(self) -> tuple[str, dict[str, Any]] | CheckpointError:
+        """("folder" | "safetensors" | "torch" | "npz", the safetensors JSON header), or the error that says what
+        else the file is (kept for ``unclaimed_error``: a format may still claim the file by its name)."""
+        if self.path.is_dir():
+            return "folder", {}
+        try:
+            return file_kind(self.path)
+        except CheckpointError as err:
+            return err
+
+    @property
+    def kind(self) -> str | None:
+        """One of "folder", "safetensors", "torch" and "npz"; None for a file that is none of them."""
+        return None if isinstance(self.sniffed, CheckpointError) else self.sniffed[0]
+
+    @property
+    def safetensors_header(self) -> dict[str, Any]:
+        """The JSON header of a safetensors file (tensor names, ``__metadata__``); {} for other kinds."""
+        return self.sniffed[1] if self.kind == "safetensors" else {}
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The metadata of a safetensors file; {} for other kinds."""
+        return self.safetensors_header.get("__metadata__") or {}
+
+    @cached_property
+    def mapping(self) -> dict[Any, Any]:
+        """What a PyTorch file holds (unpickled without running code); anything but a mapping is refused."""
+        obj = files.read_torch(self.path)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(obj).__name__}, not a checkpoint (a mapping of "
+                                  "weights)")
+        return obj
+
+    @cached_property
+    def model_mapping(self) -> dict[Any, Any]:
+        """``mapping``, refused when it is a file that holds no model: a training state, an optimizer state."""
+        obj = self.mapping
+        if obj.keys() >= TRAINING_STATE_KEYS:
+            weights = self.path.name.removesuffix(".state.pt") + ".safetensors"
+            raise CheckpointError(f"{self.path}: a segrank training state (optimizer state and step, read by train "
+                                  f"--resume), not model weights; the weights are in {weights} beside it")
+        if {"state", "param_groups"} <= obj.keys():
+            raise CheckpointError(f"{self.path}: an optimizer state, not model weights")
+        return obj
+
+    @cached_property
+    def tensor_names(self) -> list[str] | None:
+        """The names of the tensors of a plain mapping of weights: all of a safetensors file's, or those of a
+        PyTorch mapping (or of its ``model`` entry) whose values are all tensors; None for anything else."""
+        if self.kind == "safetensors":
+            return [name for name in self.safetensors_header if name != "__metadata__"]
+        if self.kind != "torch":
+            return None
+        obj = self.model_mapping
+        weights = obj["model"] if isinstance(obj.get("model"), dict) else obj
+        if weights and all(isinstance(v, Tensor) for v in weights.values()):
+            return [str(k) for k in weights]
+        return None
+
+
+def unclaimed_error(content: CheckpointContent) -> CheckpointError:
+    """The error for a path that no checkpoint format claims, saying what it holds instead."""
+    if isinstance(content.sniffed, CheckpointError):
+        return content.sniffed
+    path, names = content.path, content.tensor_names
+    if names is not None:
+        what = "a .safetensors file" if content.kind == "safetensors" else "a PyTorch file"
+        shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+        return CheckpointError(f"{path}: {what} of tensors ({shown}) that are neither a segrank model nor ViT "
+                               "backbone weights")
+    if content.kind == "torch":
+        return CheckpointError(f"{path}: a mapping with keys {', '.join(map(str, list(content.mapping)[:5]))}, not "
+                               "model weights")
+    return CheckpointError(f"{path}: no checkpoint format reads this {content.kind}")
 
 
 def file_kind(path: Path) -> tuple[str, dict[str, Any]]:
@@ -159,26 +249,3 @@ def _zip_kind(path: Path) -> str:
         return "torch"
     raise CheckpointError(f"{path}: a zip archive holding neither PyTorch weights (data.pkl) nor .npy arrays, "
                           "not a checkpoint")
-
-
-def torch_format(obj: Any, path: Path) -> str:
-    """The layout of an unpickled PyTorch file: mmseg, official Segmenter or a backbone (timm) state dict."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint (a mapping of weights)")
-    if isinstance(obj.get("state_dict"), dict):
-        return "mmseg"
-    if obj.keys() >= TRAINING_STATE_KEYS:
-        weights = path.name.removesuffix(".state.pt") + ".safetensors"
-        raise CheckpointError(f"{path}: a segrank training state (optimizer state and step, read by train --resume), "
-                              f"not model weights; the weights are in {weights} beside it")
-    if {"state", "param_groups"} <= obj.keys():
-        raise CheckpointError(f"{path}: an optimizer state, not model weights")
-    if isinstance(obj.get("model"), dict) and "n_cls" in obj:
-        if not (path.parent / "variant.yml").is_file():
-            raise CheckpointError(f"{path}: official Segmenter checkpoint without the variant.yml (the architecture) "
-                                  "that belongs beside it")
-        return "segmenter"
-    weights = obj.get("model") if isinstance(obj.get("model"), dict) else obj
-    if weights and all(isinstance(v, Tensor) for v in weights.values()):
-        return backbone_format([str(k) for k in weights], path, "a PyTorch file")
-    raise CheckpointError(f"{path}: a mapping with keys {', '.join(map(str, list(obj)[:5]))}, not model weights")

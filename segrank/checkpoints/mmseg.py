@@ -12,9 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from segrank import files
+from segrank.checkpoints.detect import CheckpointContent
+from segrank.checkpoints.native import weights
+from segrank.checkpoints.shapes import checked_model, tensor_shapes
 from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
 from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
@@ -228,6 +232,11 @@ def mmseg_config_text(cfg: ModelConfig) -> str:
     return "model = " + pprint.pformat(model, sort_dicts=False) + "\n"
 
 
+def is_mmseg(content: CheckpointContent) -> bool:
+    """A PyTorch mapping with a ``state_dict`` mapping, as mmcv's ``save_checkpoint`` writes."""
+    return content.kind == "torch" and isinstance(content.mapping.get("state_dict"), dict)
+
+
 def load_mmseg(path: Path, cfg: ModelConfig | None) -> Segmentor:
     """A model from an mmseg checkpoint; ``cfg`` overrides the architecture stored in ``meta.config``."""
     ckpt = files.read_torch(path)
@@ -244,7 +253,7 @@ def load_mmseg(path: Path, cfg: ModelConfig | None) -> Segmentor:
     for key, value in ckpt["state_dict"].items():
         ours = from_mmseg_name(key)
         sd[ours if ours is not None else key] = value
-    model = Segmentor(cfg)
+    model = checked_model(cfg, tensor_shapes(sd), str(path))
     files.load_state_dict_strict(model, sd, str(path))
     model.inference = mmseg_inference_config(meta if isinstance(meta, dict) else {})
     return model
@@ -307,3 +316,9 @@ def mmseg_checkpoint(cfg: ModelConfig, state_dict: dict[str, Tensor],
         if inference.palette is not None:
             meta["PALETTE"] = [list(c) for c in inference.palette]
     return {"meta": meta, "state_dict": {to_mmseg_name(k): v for k, v in state_dict.items()}}
+
+
+def export_mmseg(model: Segmentor, path: Path) -> None:
+    """Write ``model`` as an mmseg ``.pth`` at ``path``."""
+    ckpt = mmseg_checkpoint(model.cfg, weights(model), model.inference)
+    files.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

@@ -11,21 +11,28 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from segrank import files
-from segrank.checkpoints.detect import NATIVE_KEY
+from segrank.checkpoints.detect import CheckpointContent
+from segrank.checkpoints.shapes import checked_model, safetensors_header
 from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
 from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
 
+NATIVE_KEY = "segrank_config"
 INFERENCE_KEY = "segrank_inference"
 
 
-def weights(model: Segmentor) -> dict[str, Tensor]:
+def weights(module: nn.Module) -> dict[str, Tensor]:
     """The state dict as contiguous CPU tensors, as safetensors and torch.save want them."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def is_native(content: CheckpointContent) -> bool:
+    """A safetensors file whose metadata holds a segrank config."""
+    return content.kind == "safetensors" and NATIVE_KEY in content.metadata
 
 
 def native_metadata(model: Segmentor) -> dict[str, str]:
@@ -47,7 +54,7 @@ def save_model(model: Segmentor, path: str | Path) -> Path:
 
 def load_native(path: Path, cfg: ModelConfig | None = None) -> Segmentor:
     """A model from segrank's ``.safetensors``; ``cfg`` overrides the architecture stored in its metadata."""
-    sd, metadata = files.read_safetensors(path)
+    shapes, metadata = safetensors_header(path)
     if cfg is None:
         if NATIVE_KEY not in metadata:
             raise CheckpointError(f"{path}: no segrank config in the metadata; pass a config")
@@ -55,8 +62,8 @@ def load_native(path: Path, cfg: ModelConfig | None = None) -> Segmentor:
             cfg = from_dict(ModelConfig, yaml.safe_load(metadata[NATIVE_KEY]), "model")
         except (ConfigError, yaml.YAMLError) as err:
             raise CheckpointError(f"{path}: stored config is invalid ({err})") from None
-    model = Segmentor(cfg)
-    files.load_state_dict_strict(model, sd, str(path))
+    model = checked_model(cfg, shapes, str(path))
+    files.load_state_dict_strict(model, files.read_safetensors(path)[0], str(path))
     if INFERENCE_KEY in metadata:
         try:
             model.inference = InferenceConfig.from_json(metadata[INFERENCE_KEY], INFERENCE_KEY)

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from segrank import files
-from segrank.checkpoints.detect import PRETRAINED_FILES
+from segrank.checkpoints.detect import PRETRAINED_FILES, CheckpointContent, pretrained_folder
 from segrank.checkpoints.native import save_model
+from segrank.checkpoints.shapes import checked_model, safetensors_header
 from segrank.config import ConfigError, ModelConfig, from_dict, to_dict
 from segrank.config.inference import InferenceConfig
 from segrank.errors import CheckpointError
@@ -20,6 +21,11 @@ from segrank.models.segmentor import Segmentor
 
 CONFIG_FILE, WEIGHTS_FILE = PRETRAINED_FILES
 MODEL_TYPE = "segrank"
+
+
+def is_pretrained(content: CheckpointContent) -> bool:
+    """A ``save_pretrained`` folder."""
+    return content.kind == "folder" and pretrained_folder(content.path)
 
 
 def save_pretrained(model: Segmentor, folder: str | Path) -> Path:
@@ -48,9 +54,9 @@ def from_pretrained(folder: str | Path, cfg: ModelConfig | None = None) -> Segme
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     stored_cfg, inference = read_pretrained_config(config_path)
-    model = Segmentor(cfg or stored_cfg)
-    sd, _ = files.read_safetensors(folder / WEIGHTS_FILE)
-    files.load_state_dict_strict(model, sd, str(folder / WEIGHTS_FILE))
+    weights = folder / WEIGHTS_FILE
+    model = checked_model(cfg or stored_cfg, safetensors_header(weights)[0], str(weights))
+    files.load_state_dict_strict(model, files.read_safetensors(weights)[0], str(weights))
     model.inference = inference
     return model.eval()
 

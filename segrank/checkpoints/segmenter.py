@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from torch import Tensor
 
 from segrank import files
+from segrank.checkpoints.detect import CheckpointContent, pretrained_folder
+from segrank.checkpoints.native import weights
+from segrank.checkpoints.shapes import checked_model, tensor_shapes
 from segrank.config import ConfigError, EvalConfig, ModelConfig, from_dict
 from segrank.config.inference import InferenceConfig
 from segrank.data.info import dataset_info
@@ -26,8 +30,8 @@ OFFICIAL_STATS = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 OFFICIAL_DATASETS = {"ade20k": ("ade20k", 4), "pascal_context": ("pascal_context60", 8), "cityscapes": (None, 2)}
 
 
-class _VariantLoader(yaml.SafeLoader):
-    """Safe YAML loader that also accepts the ``!!python/tuple`` tag the official Segmenter writes."""
+class _VariantLoader(files.YamlLoader):
+    """segrank's YAML loader that also accepts the ``!!python/tuple`` tag the official Segmenter writes."""
 
 
 _VariantLoader.add_constructor(
@@ -76,9 +80,27 @@ def read_variant(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (the official checkpoint needs its variant.yml)")
     try:
-        return yaml.load(path.read_text(), Loader=_VariantLoader)  # noqa: S506 - a SafeLoader subclass
+        return files.parse_yaml(files.read_text(path, CheckpointError), _VariantLoader)
     except yaml.YAMLError as err:
-        raise CheckpointError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: invalid YAML ({files.yaml_problem(err)})") from None
+
+
+def is_segmenter(content: CheckpointContent) -> bool:
+    """An official run: its folder (one that is no save_pretrained folder), its variant.yml, or its checkpoint.pth (a
+    mapping with a ``model`` mapping and ``n_cls``), refused without the variant.yml that belongs beside it."""
+    if content.kind == "folder":
+        return not pretrained_folder(content.path)
+    if content.path.name == "variant.yml":
+        return True
+    if content.kind != "torch":
+        return False
+    ckpt = content.model_mapping
+    if not (isinstance(ckpt.get("model"), dict) and "n_cls" in ckpt):
+        return False
+    if not (content.path.parent / "variant.yml").is_file():
+        raise CheckpointError(f"{content.path}: official Segmenter checkpoint without the variant.yml (the "
+                              "architecture) that belongs beside it")
+    return True
 
 
 def load_segmenter(path: Path, cfg: ModelConfig | None) -> Segmentor:
@@ -99,7 +121,7 @@ def load_segmenter(path: Path, cfg: ModelConfig | None) -> Segmentor:
             continue  # the unused ImageNet classifier
         prefix, _, rest = key.partition(".")
         sd[{"encoder": "backbone", "decoder": "decode_head"}.get(prefix, prefix) + "." + rest] = value
-    model = Segmentor(cfg)
+    model = checked_model(cfg, tensor_shapes(sd), str(ckpt_path))
     files.load_state_dict_strict(model, sd, str(ckpt_path))
     if isinstance(variant, dict):
         model.inference = segmenter_inference_config(variant)
@@ -165,7 +187,6 @@ def segmenter_variant(cfg: ModelConfig) -> dict[str, Any]:
     }}
 
 
-
 def segmenter_test_kwargs(inference: InferenceConfig) -> dict[str, Any]:
     """The variant.yml entries that record ``inference`` where the official layout can (inverse of
     segmenter_inference_config for square windows and the official normalisations)."""
@@ -180,3 +201,10 @@ def segmenter_test_kwargs(inference: InferenceConfig) -> dict[str, Any]:
         out["inference_kwargs"] = {"im_size": min(inference.img_scale), "window_size": e.crop_size[0],
                                    "window_stride": e.stride[0]}
     return out
+
+
+def export_segmenter(model: Segmentor, folder: Path) -> None:
+    """Write ``model`` as an official run folder: ``checkpoint.pth`` and ``variant.yml``."""
+    ckpt, variant = segmenter_checkpoint(model.cfg, weights(model), model.inference)
+    files.atomic_write(folder / "checkpoint.pth", lambda tmp: torch.save(ckpt, tmp))
+    files.write_text(folder / "variant.yml", variant)

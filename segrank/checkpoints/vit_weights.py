@@ -6,18 +6,23 @@ position table is resampled to the model's grid, as the reference's ``init_weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from segrank import files
-from segrank.checkpoints.detect import file_kind
+from segrank.checkpoints.detect import CheckpointContent, file_kind
+from segrank.checkpoints.native import weights
 from segrank.config import ModelConfig
 from segrank.errors import CheckpointError
 from segrank.models.segmentor import Segmentor
 from segrank.models.vit import resample_pos_embed
+
+VIT_NAMES = ("patch_embed", "pos_embed", "cls_token")  # in every ViT backbone's parameter names (timm, ours)
 
 
 def _npz_block_keys(i: int) -> list[tuple[str, str]]:
@@ -115,12 +120,28 @@ def strip_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
 
 
-def read_backbone_weights(path: Path, fmt: str | None = None) -> dict[str, Tensor]:
-    """Our backbone state dict from an AugReg ``.npz`` or a timm-named PyTorch or safetensors file (``fmt``:
-    ``npz``, ``timm`` or None: told apart by the file's content)."""
-    kind = "npz" if fmt == "npz" else file_kind(path)[0]
+def is_npz(content: CheckpointContent) -> bool:
+    """An ``.npz`` archive (Google AugReg ViT arrays)."""
+    return content.kind == "npz"
+
+
+def is_timm(content: CheckpointContent) -> bool:
+    """A plain mapping of tensors named as a ViT backbone's (native and official files match too: theirs come first)."""
+    names = content.tensor_names
+    return names is not None and any(part in name for name in names for part in VIT_NAMES)
+
+
+def read_npz_backbone(path: Path) -> dict[str, Tensor]:
+    """Our backbone state dict from an AugReg ``.npz``."""
+    return npz_to_state_dict(files.read_npz(path))
+
+
+def read_backbone_weights(path: Path) -> dict[str, Tensor]:
+    """Our backbone state dict from an AugReg ``.npz`` or a timm-named PyTorch or safetensors file, told apart by the
+    file's content."""
+    kind = file_kind(path)[0]
     if kind == "npz":
-        return npz_to_state_dict(files.read_npz(path))
+        return read_npz_backbone(path)
     sd = files.read_safetensors(path)[0] if kind == "safetensors" else files.read_torch(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
@@ -129,13 +150,14 @@ def read_backbone_weights(path: Path, fmt: str | None = None) -> dict[str, Tenso
     return strip_timm(sd)
 
 
-def load_backbone_weights(model: Segmentor, path: str | Path, fmt: str | None = None) -> Segmentor:
-    """Initialise the backbone of ``model`` from AugReg ``.npz`` or timm weights; the head keeps its fresh init and
-    OCE class tokens stay zero, as in the reference."""
+def load_backbone_weights(model: Segmentor, path: str | Path,
+                          read: Callable[[Path], dict[str, Tensor]] = read_backbone_weights) -> Segmentor:
+    """Initialise the backbone of ``model`` from the weights ``read`` gets from ``path`` (default: an AugReg ``.npz``
+    or timm weights, by content); the head keeps its fresh init and OCE class tokens stay zero, as in the reference."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
-    sd = {f"backbone.{k}": v for k, v in read_backbone_weights(path, fmt).items()}
+    sd = {f"backbone.{k}": v for k, v in read(path).items()}
     fit_pos_embed(sd, model)
     if model.backbone.oce_start_layer is not None and "backbone.cls_emb" not in sd:
         sd["backbone.cls_emb"] = torch.zeros_like(model.backbone.cls_emb)
@@ -146,8 +168,30 @@ def load_backbone_weights(model: Segmentor, path: str | Path, fmt: str | None = 
     return model
 
 
-def load_backbone_checkpoint(path: Path, cfg: ModelConfig | None, fmt: str) -> Segmentor:
-    """A model of architecture ``cfg`` whose backbone comes from ``path`` (``fmt``: ``npz`` or ``timm``)."""
+def backbone_only_model(path: Path, cfg: ModelConfig | None, format_name: str) -> Segmentor:
+    """A fresh model of architecture ``cfg``, which weights of a backbone alone cannot do without."""
     if cfg is None:
-        raise CheckpointError(f"{path}: {fmt} weights hold a backbone only; pass a config for the model")
-    return load_backbone_weights(Segmentor(cfg), path, fmt)
+        raise CheckpointError(f"{path}: {format_name} weights hold a backbone only; pass a config for the model")
+    return Segmentor(cfg)
+
+
+def load_npz(path: Path, cfg: ModelConfig | None) -> Segmentor:
+    """A model of architecture ``cfg`` whose backbone comes from an AugReg ``.npz``."""
+    return load_backbone_weights(backbone_only_model(path, cfg, "npz"), path, read_npz_backbone)
+
+
+def load_timm(path: Path, cfg: ModelConfig | None) -> Segmentor:
+    """A model of architecture ``cfg`` whose backbone comes from timm weights (or an ``.npz``: read by content)."""
+    return load_backbone_weights(backbone_only_model(path, cfg, "timm"), path)
+
+
+def export_npz(model: Segmentor, path: Path) -> None:
+    """Write the backbone of ``model`` as AugReg ``.npz`` arrays."""
+    arrays = state_dict_to_npz(weights(model.backbone), model.cfg.backbone.num_heads)
+    files.atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def export_timm(model: Segmentor, path: Path) -> None:
+    """Write the backbone of ``model`` as a timm-named ``.safetensors``."""
+    backbone = weights(model.backbone)
+    files.atomic_write(path, lambda tmp: save_file(backbone, tmp))

@@ -33,12 +33,13 @@ from segrank.config.fields import (
     setting,
     within,
 )
+from segrank.config.losses import LossConfig, PixelTermConfig, class_weights_fit
 from segrank.errors import ConfigError
 
 # The public config interface: the classes below and the loaders of segrank.config.build.
 __all__ = ["VIT_PRESETS", "BackboneConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HeadConfig",
-           "LossConfig", "ModelConfig", "TrainConfig", "ViTPreset", "apply_overrides", "from_dict", "load_config",
-           "load_yaml", "merge_dicts", "model_config_from", "to_dict"]
+           "LossConfig", "ModelConfig", "PixelTermConfig", "TrainConfig", "ViTPreset", "apply_overrides", "from_dict",
+           "load_config", "load_yaml", "merge_dicts", "model_config_from", "to_dict"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,26 +102,13 @@ class HeadConfig(Section):
         "encoder_layer", "RankSeg image-level branch: the first decoder block, a cross-attention decoder or pooling")
     downsample: int | None = setting(8, "side of the pooled grid the image-level branch sees; null: all patch "
                                         "tokens", COUNT)
+    image_prior_prob: float | None = setting(
+        None, "RankSeg encoder_layer branch: initial probability of every class, its classifier bias set to "
+              "-log((1 - p) / p) (RetinaNet's prior init); null: the reference's uniform init",
+        Bound(lo=0, hi=1, lo_open=True, hi_open=True))
     q2l_heads: int = setting(8, "query2label: attention heads", COUNT)
     q2l_d_ff: int = setting(2048, "query2label: MLP width", COUNT)
     q2l_dropout: float = setting(0.1, "query2label: dropout rate", RATE)
-
-
-@dataclass
-class LossConfig(Section):
-    key: ClassVar[str] = "model.loss"
-    image_loss: Literal["bce", "asl"] = setting("bce", "RankSeg image-level loss: binary cross-entropy or asymmetric")
-    image_loss_weight: float = setting(10.0, "weight of the image-level loss", NON_NEGATIVE)
-    asl_gamma_neg: float = setting(2.0, "asymmetric loss: focusing exponent of absent classes", NON_NEGATIVE)
-    asl_gamma_pos: float = setting(0.0, "asymmetric loss: focusing exponent of present classes", NON_NEGATIVE)
-    asl_clip: float = setting(0.05, "asymmetric loss: probability margin taken off absent classes", PROBABILITY)
-    asl_eps: float = setting(1e-5, "asymmetric loss: smallest probability inside the log", POSITIVE)
-    image_reduction: Literal["mean", "sum_classes"] = setting(
-        "mean", "image-level loss: mean = sum / (batch x num_classes) (the reference); sum_classes = sum over "
-                "classes / batch, whose pull on the shared layers does not shrink as the vocabulary grows")
-    seg_reduction: Literal["all_pixels", "valid_pixels"] = setting(
-        "all_pixels", "all_pixels: sum over valid pixels / all pixels (mmseg 0.17 reference); valid_pixels: mean "
-                      "over valid pixels")
 
 
 def _heads_divide_widths(cfg: ModelConfig) -> str | None:
@@ -168,6 +156,11 @@ def _rankseg_head_fits(cfg: ModelConfig) -> str | None:
     return None
 
 
+def _class_weights_fit(cfg: ModelConfig) -> str | None:
+    """Each pixel term's class_weight has num_classes entries."""
+    return class_weights_fit(cfg.num_classes, cfg.loss)
+
+
 def _one_name_per_class(cfg: ModelConfig) -> str | None:
     """class_names, when given, has num_classes names."""
     if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
@@ -179,7 +172,7 @@ def _one_name_per_class(cfg: ModelConfig) -> str | None:
 class ModelConfig(Section):
     key: ClassVar[str] = "model"
     rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (
-        _heads_divide_widths, _oce_fits, _rankseg_head_fits, _one_name_per_class)
+        _heads_divide_widths, _oce_fits, _rankseg_head_fits, _one_name_per_class, _class_weights_fit)
     num_classes: int = setting(150, "classes the model predicts", COUNT)
     backbone: BackboneConfig = setting(doc="the ViT encoder", factory=BackboneConfig)
     head: HeadConfig = setting(doc="the decoder head", factory=HeadConfig)
@@ -236,13 +229,21 @@ class DataConfig(Section):
                      "default")
     workers: int = setting(2, "data-loading worker processes per process; 0: load in the main process",
                            NON_NEGATIVE)
-    options: dict[str, Any] = setting(doc="dataset-specific options (e.g. synthetic sizes)", factory=dict)
+    options: dict[str, Any] = setting(doc="dataset-specific options: synthetic sizes, huggingface columns, classes and "
+                                          "label encoding (docs/datasets.md)", factory=dict)
 
 
 def _accumulation_divides_batch(tc: TrainConfig) -> str | None:
     """batch_size is divisible by grad_accum (and, when training, by grad_accum x processes)."""
     if tc.batch_size % tc.grad_accum:
         return f"train.batch_size: {tc.batch_size} is not divisible by grad_accum {tc.grad_accum}"
+    return None
+
+
+def _precision_agrees(tc: TrainConfig) -> str | None:
+    """train.amp (deprecated) and train.precision do not contradict each other."""
+    if tc.amp != "none" and tc.precision is not None and tc.precision != tc.amp:
+        return f"train.precision: {tc.precision} contradicts train.amp {tc.amp} (deprecated; drop it)"
     return None
 
 
@@ -256,7 +257,8 @@ def _schedule_decays(tc: TrainConfig) -> str | None:
 @dataclass
 class TrainConfig(Section):
     key: ClassVar[str] = "train"
-    rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (_accumulation_divides_batch, _schedule_decays)
+    rules: ClassVar[tuple[Callable[[Any], str | None], ...]] = (_accumulation_divides_batch, _schedule_decays,
+                                                                 _precision_agrees)
     max_iters: int = setting(160000, "optimiser steps of the run", COUNT)
     batch_size: int = setting(8, "global batch per optimiser step, whatever the number of processes", COUNT)
     grad_accum: int = setting(1, "micro-batches per optimiser step", COUNT)
@@ -282,7 +284,10 @@ class TrainConfig(Section):
     lr_power: float = setting(0.9, "exponent of the poly decay", NON_NEGATIVE)
     min_lr: float = setting(1e-5, "learning rate the poly decay ends at", NON_NEGATIVE)
     warmup_iters: int = setting(0, "steps of linear warmup", NON_NEGATIVE)
-    amp: Literal["none", "bf16", "fp16"] = setting("none", "mixed precision on GPUs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = setting(
+        None, "compute precision of the forward and backward passes (fp32 master weights; bf16/fp16 autocast on CPU "
+              "and CUDA, fp16 with a gradient scaler on CUDA); auto: the fastest here (announced); null: train.amp")
+    amp: Literal["none", "bf16", "fp16"] = setting("none", "deprecated alias of train.precision (none: fp32)")
     seed: int = setting(0, "seed of the weights, the data order, augmentation and dropout", within(0, 2**32 - 1))
     checkpoint_interval: int = setting(0, "steps between checkpoints; 0: max_iters // 10", NON_NEGATIVE)
     eval_interval: int = setting(0, "steps between evaluations; 0: max_iters // 10; -1: no evaluation during "
@@ -291,6 +296,10 @@ class TrainConfig(Section):
     log_interval: int = setting(50, "steps between log.jsonl records", COUNT)
     pretrained: str | None = setting(None, "backbone weights to start from (.npz AugReg or timm state dict)")
     nonfinite: Literal["stop", "skip"] = setting("stop", "on a NaN/inf loss: stop the run, or skip the step")
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] | None = setting(
+        None, "experiment trackers that receive the log records, the config and the eval results (README: Experiment "
+              "trackers); "
+              "null: tensorboard when installed; []: none")
 
 
 def _windows_cover_image(ec: EvalConfig) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -64,61 +65,76 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """``value`` as the annotated type ``tp`` (nested dataclasses built by ``from_dict``), or a ConfigError."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+        return _coerce_union(typing.get_args(tp), value, path)
     if origin is Literal:
+        args = typing.get_args(tp)
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_suggest(value, args)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value] * len(args) if args and args[-1] is not Ellipsis else [value]
-        if args and args[-1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()} if args else dict(value)
+    if origin in _CONTAINERS:
+        return _CONTAINERS[origin](typing.get_args(tp), value, path)
     if tp is Any:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepts, expected, convert = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+        return convert(value)
     raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
+    """The first member type that takes ``value`` (None for an optional's None); else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(arg, value, path)
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _coerce_tuple(args: tuple[Any, ...], value: Any, path: str) -> tuple[Any, ...]:
+    """A fixed-length tuple (a single value fills every place) or a ``tuple[T, ...]``."""
+    variadic = bool(args) and args[-1] is Ellipsis
+    if not isinstance(value, (list, tuple)):
+        value = [value] * len(args) if args and not variadic else [value]
+    if variadic:
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+    return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+
+
+def _coerce_list(args: tuple[Any, ...], value: Any, path: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+    return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+
+
+def _coerce_dict(args: tuple[Any, ...], value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+    return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()} if args else dict(value)
+
+
+_CONTAINERS = {tuple: _coerce_tuple, list: _coerce_list, dict: _coerce_dict}
+# type -> (accepts a value, what the error says was expected, conversion). bool is an int to Python, not here.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true/false", lambda v: v),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", lambda v: v),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", lambda v: v),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,7 +143,16 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file, resolving ``_base_`` files relative to it; returns the merged plain dict."""
-    path = Path(path)
+    return load_with_bases(Path(path), ())
+
+
+def load_with_bases(path: Path, chain: tuple[tuple[Path, str], ...]) -> dict[str, Any]:
+    """``path``'s settings over those of its ``_base_`` files; ``chain``: (resolved path, shown name) of the files
+    whose ``_base_`` led here, to name a cycle instead of recursing forever."""
+    link = (path.resolve(), os.path.normpath(path))
+    check_no_cycle(link, chain)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     data = files.read_yaml(path, ConfigError)
@@ -136,13 +161,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: empty config file (no settings)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    bases = data.pop("_base_", [])
+    merged: dict[str, Any] = {}
+    for base in base_names(data.pop("_base_", []), path):
+        base_path = path.parent / base
+        if not base_path.exists():
+            where = os.path.normpath(base_path)
+            raise ConfigError(f"{path}: _base_ {base}: config file not found{f' ({where})' if where != base else ''}")
+        merged = merge_dicts(merged, load_with_bases(base_path, (*chain, link)))
+    return merge_dicts(merged, data)
+
+
+def check_no_cycle(link: tuple[Path, str], chain: tuple[tuple[Path, str], ...]) -> None:
+    """Refuse a file that its own ``_base_`` chain already reads, naming the cycle."""
+    resolved = [file for file, _ in chain]
+    if link[0] in resolved:
+        names = [name for _, name in chain[resolved.index(link[0]):]]
+        raise ConfigError(f"{chain[-1][1]}: _base_ cycle: {' -> '.join([*names, link[1]])}")
+
+
+def base_names(bases: Any, path: Path) -> list[str]:
+    """The file names a ``_base_`` value lists: one name or a list of names (relative to ``path``'s folder)."""
     if isinstance(bases, str):
         bases = [bases]
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = merge_dicts(merged, load_yaml(path.parent / base))
-    return merge_dicts(merged, data)
+    if not isinstance(bases, list):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got "
+                          f"{'null' if bases is None else repr(bases)}")
+    for i, base in enumerate(bases):
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: _base_[{i}] must be a file name, got {base!r}")
+    return bases
 
 
 def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +212,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: expected key=value")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = files.parse_yaml(raw)
+        except files.DuplicateKeyError as err:
+            raise ConfigError(f"--set {item}: {err.text}") from None
         except yaml.YAMLError:
             value = raw
         keys = dotted.strip().split(".")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from segrank.config import Config
 from segrank.config.fields import Section, bound_of, doc_of
+from segrank.files import MAX_YAML_BYTES, MAX_YAML_DEPTH
 
 REGENERATE = "python -m segrank.config.docs > docs/config.md"
 
@@ -23,10 +24,19 @@ itself win, mappings merge key by key, `_delete_: true` in a mapping replaces in
 `--set key.path=value` (value parsed as YAML) changes one key on the command line. `segrank config show CONFIG
 [--set ...]` prints the resolved config, which loads again as it is.
 
+Config files are UTF-8 text, read by a safe YAML loader (plain data only, never a Python object). Numbers follow YAML
+1.2, in files and in `--set`: `1e-3`, `1E5`, `-2e+4`, `.5`, `+1.0` are numbers, `012` is twelve, `.inf` and `.nan`
+are numbers that the ranges below refuse, and `1_000`, `1:30`, `0b101` are text (YAML 1.1 read those as numbers,
+and `1e-3` as text). Every default below loads again as it is printed. A key given twice in one mapping, at any
+depth, is refused with both lines (keys merged in with `<<:` may be set again). `_base_` is a file name or a list of
+file names, relative to the file; a file that its own `_base_` chain already reads is refused, naming the cycle.
+
 Every key and value is checked when the config is loaded, before a command writes anything: an unknown key, a value
 of the wrong type, a number outside the range below (NaN and infinity are never allowed), a pair of the wrong length,
 an empty list where values are needed, a broken rule between keys, or an empty config file stops the command with
-exit code 2 and one line naming the key, e.g. `segrank train: error: train.batch_size: must be >= 1, got 0`.
+exit code 2 and one line naming the key, e.g. `segrank train: error: train.batch_size: must be >= 1, got 0`; so
+do, naming the file, a missing config or `_base_` file, a folder, a binary or non-UTF-8 file, a file over
+{MAX_YAML_BYTES // 2**20} MiB, YAML nested deeper than {MAX_YAML_DEPTH} levels, a duplicate key and a `_base_` cycle.
 """
 
 
@@ -40,7 +50,7 @@ def type_text(tp: Any) -> str:
     if origin is tuple:
         return "[" + ", ".join(type_text(a) for a in args) + "]"
     if origin is list:
-        return f"list of {type_text(args[0])}"
+        return "list of mappings" if dataclasses.is_dataclass(args[0]) else f"list of {type_text(args[0])}"
     if origin is dict:
         return "mapping" if args[1] is Any else f"mapping of {type_text(args[0])} to {type_text(args[1])}"
     if dataclasses.is_dataclass(tp):
@@ -72,6 +82,14 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def item_section(tp: Any) -> type | None:
+    """The dataclass of a list-of-entries field (``list[X]``, possibly inside ``X | None``), else None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        return args[0] if dataclasses.is_dataclass(args[0]) else None
+    return next((s for s in map(item_section, args) if s is not None), None)
+
+
 def allowed_text(f: dataclasses.Field, tp: Any) -> str:
     bound = bound_of(f)
     if bound is not None:
@@ -94,6 +112,9 @@ def section_docs(cls: type, key: str, meaning: str) -> list[str]:
             continue
         rows.append(f"| `{f.name}` | {type_text(tp)} | `{value_text(default_of(f))}` | {allowed_text(f, tp)} | "
                     f"{doc_of(f)} |")
+        item = item_section(tp)
+        if item is not None:  # a list of entries: one table of an entry's keys
+            subsections.append((item, f"{key}.{f.name}[]", f"one entry of {key}.{f.name}"))
     lines = [f"## {key}", "", meaning[0].upper() + meaning[1:] + ".", "", *rows]
     rules = cls.rules if issubclass(cls, Section) else ()
     if rules:

@@ -1,7 +1,7 @@
 """What a checkpoint carries for inference besides its architecture: palette, normalisation, test scale and windows.
 
 Every field may be unknown (None): a converted reference checkpoint stores what the reference recorded, an old segrank
-checkpoint nothing. Whoever predicts fills the gaps with defaults and says so (``segrank.engine.settings``).
+checkpoint nothing. Whoever predicts fills the gaps with defaults and says so (``segrank.inference.settings``).
 Class names are part of the ModelConfig (``model.class_names``), so they are not repeated here. The values are
 checked like every config section (segrank.config.fields) whenever one is built.
 """
@@ -15,8 +15,12 @@ from typing import Any, ClassVar
 
 from segrank.config import EvalConfig
 from segrank.config.build import from_dict, to_dict
-from segrank.config.fields import COUNT, POSITIVE, Bound, Section, setting
+from segrank.config.fields import POSITIVE, Bound, Section, setting, within
 from segrank.errors import ConfigError
+
+# Pixels a side of the test-scale resize target: beyond it, one image's model input and merged outputs (and the time to
+# compute them) would be unbounded, whatever a checkpoint or a flag asks for.
+MAX_TEST_SIDE = 8192
 
 
 def _palette_is_rgb(cfg: InferenceConfig) -> str | None:
@@ -33,7 +37,8 @@ class InferenceConfig(Section):
     palette: list[list[int]] | None = setting(None, "one [r, g, b] per class")
     mean: tuple[float, float, float] | None = setting(None, "normalisation mean, RGB on the 0-255 scale", Bound())
     std: tuple[float, float, float] | None = setting(None, "normalisation std, RGB on the 0-255 scale", POSITIVE)
-    img_scale: tuple[int, int] | None = setting(None, "(long, short) keep-ratio test scale", COUNT)
+    img_scale: tuple[int, int] | None = setting(None, "(long, short) keep-ratio test scale",
+                                                within(1, MAX_TEST_SIDE))
     eval: EvalConfig | None = setting(None, "whole/slide, windows, test scales and the --ms-flip scales")
 
     def to_json(self) -> str:

@@ -3,16 +3,21 @@ class histogram and the per-image class-count distribution (the statistic RankSe
 
 from __future__ import annotations
 
+import io
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from segrank.data.datasets import decode_label, list_samples, read_label_file
-from segrank.data.info import DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout
+from segrank.data.datasets import Sample, decode_label, list_samples, read_label_file
+from segrank.data.huggingface import NAME as HF_NAME
+from segrank.data.huggingface import HFRows, hf_options, split_names
+from segrank.data.info import DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout, huggingface_layout
 from segrank.data.parallel import run_parallel
 from segrank.errors import SegrankError
 
@@ -49,16 +54,43 @@ def dataset_splits(layout: Layout, root: Path) -> list[str]:
     return out
 
 
+def add_split_results(report: CheckReport, sr: SplitReport, samples: list[Sample],
+                      results: Iterator[tuple[list[tuple[str, str]], np.ndarray | None, np.ndarray | None]]) -> None:
+    """Count a split's samples into ``sr`` and the pairs' checks (``results``, one per complete pair in order) into
+    ``report``, in file order whatever the number of workers."""
+    for s in samples:
+        sr.images += s.image is not None
+        sr.labels += s.label is not None
+        if s.image is None:
+            report.problems.append((str(s.label or s.name), "label without image" if s.label else
+                                    "listed in the split file, but neither image nor label exists"))
+            continue
+        if s.label is None:
+            report.problems.append((str(s.image), "image without label"))
+            continue
+        sr.pairs += 1
+        problems, classes, pixels = next(results)
+        report.problems += problems
+        if classes is not None:
+            report.class_pixels[classes] += pixels
+            report.class_images[classes] += 1
+            report.classes_per_image[len(classes)] += 1
+
+
 def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, progress: bool = True,
-                  workers: int = 1) -> CheckReport:
+                  workers: int = 1, options: dict[str, Any] | None = None) -> CheckReport:
     """Check every file of the dataset at ``root``; ``workers`` processes read the image/label pairs (the report is
-    the same for any number)."""
+    the same for any number). ``options``: the dataset's data.options (Hugging Face datasets)."""
     root = Path(root)
     spec = dataset_spec(name)
     if name == "synthetic":
         raise SegrankError("dataset 'synthetic' is generated on the fly; there is nothing on disk to check")
     if not root.is_dir():
         raise SegrankError(f"{root}: dataset root not found")
+    if name == HF_NAME:
+        return check_huggingface(root, options or {}, splits, progress, workers)
+    if options:
+        raise SegrankError(f"--option: dataset {name!r} takes no options, got {sorted(options)}")
     layout = folder_layout(root) if name == "folder" else spec.layout
     info = dataset_info(name, None, root)
     report = CheckReport(info, root, class_pixels=np.zeros(info.num_classes, np.int64),
@@ -80,23 +112,7 @@ def check_dataset(name: str, root: str | Path, splits: list[str] | None = None, 
             report.problems.append((str(path), "label without image"))
         pairs = [(s.image, s.label) for s in samples if s.image is not None and s.label is not None]
         results = run_parallel(check, pairs, workers, f"check {split}", progress, ordered=True)
-        for s in samples:  # in file order, whatever the number of workers
-            sr.images += s.image is not None
-            sr.labels += s.label is not None
-            if s.image is None:
-                report.problems.append((str(s.label or s.name), "label without image" if s.label else
-                                        "listed in the split file, but neither image nor label exists"))
-                continue
-            if s.label is None:
-                report.problems.append((str(s.image), "image without label"))
-                continue
-            sr.pairs += 1
-            problems, classes, pixels = next(results)
-            report.problems += problems
-            if classes is not None:
-                report.class_pixels[classes] += pixels
-                report.class_images[classes] += 1
-                report.classes_per_image[len(classes)] += 1
+        add_split_results(report, sr, samples, results)
     return report
 
 
@@ -105,7 +121,6 @@ def check_pair(layout: Layout, num_classes: int, ignore_index: int, pair: tuple[
     """(problems, classes present, their pixel counts) of one image/label pair; no classes when the label cannot be
     read."""
     image, label_path = pair
-    problems: list[tuple[str, str]] = []
     try:
         with Image.open(image) as img:
             width, height = img.size
@@ -115,22 +130,76 @@ def check_pair(layout: Layout, num_classes: int, ignore_index: int, pair: tuple[
         raw = read_label_file(label_path)
     except SegrankError as err:
         return [(str(label_path), str(err).removeprefix(f"{label_path}: "))], None, None
+    return label_report(raw, (height, width), str(label_path), layout, num_classes, ignore_index)
+
+
+def label_report(raw: np.ndarray, size: tuple[int, int], where: str, layout: Layout, num_classes: int,
+                 ignore_index: int) -> tuple[list[tuple[str, str]], np.ndarray | None, np.ndarray | None]:
+    """(problems, classes present, their pixel counts) of label values ``raw`` of an image of ``size`` (H, W)."""
+    height, width = size
+    problems: list[tuple[str, str]] = []
     if raw.ndim != 2:
-        return [(str(label_path), f"label has shape {raw.shape}, expected (H, W)")], None, None
+        return [(where, f"label has shape {raw.shape}, expected (H, W)")], None, None
     if raw.shape != (height, width):
-        problems.append((str(label_path), f"label size {raw.shape[1]}x{raw.shape[0]} differs from image "
-                                          f"size {width}x{height}"))
+        problems.append((where, f"label size {raw.shape[1]}x{raw.shape[0]} differs from image size "
+                                f"{width}x{height}"))
     label = decode_label(raw, layout, ignore_index)
     valid = label != ignore_index
     outside = valid & ((label < 0) | (label >= num_classes))
     if outside.any():
         bad = np.unique(raw[outside])
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        problems.append((str(label_path), f"{int(outside.sum())} pixels with file values outside the "
-                                          f"{num_classes}-class vocabulary: {shown}"))
+        problems.append((where, f"{int(outside.sum())} pixels with file values outside the {num_classes}-class "
+                                f"vocabulary: {shown}"))
         valid &= ~outside
     classes, pixels = np.unique(label[valid], return_counts=True)
     return problems, classes, pixels
+
+
+def check_huggingface(root: Path, options: dict[str, Any], splits: list[str] | None, progress: bool,
+                      workers: int) -> CheckReport:
+    """``check_dataset`` of a Hugging Face dataset: every row's image and label."""
+    info = dataset_info(HF_NAME, options, root)
+    layout = huggingface_layout(options, info.num_classes)
+    report = CheckReport(info, root, class_pixels=np.zeros(info.num_classes, np.int64),
+                         class_images=np.zeros(info.num_classes, np.int64))
+    for split in splits or split_names(root):
+        try:
+            rows = HFRows(root, split, hf_options(options))
+        except SegrankError as err:
+            report.problems.append((str(root), f"split {split}: {err}"))
+            continue
+        sr = SplitReport(split, len(rows), len(rows), len(rows))
+        report.splits.append(sr)
+        check = partial(check_row, rows, layout, info.num_classes, info.ignore_index)
+        for problems, classes, pixels in run_parallel(check, range(len(rows)), workers, f"check {split}", progress,
+                                                      ordered=True):
+            report.problems += problems
+            if classes is not None:
+                report.class_pixels[classes] += pixels
+                report.class_images[classes] += 1
+                report.classes_per_image[len(classes)] += 1
+    return report
+
+
+def check_row(rows: HFRows, layout: Layout, num_classes: int, ignore_index: int, index: int
+              ) -> tuple[list[tuple[str, str]], np.ndarray | None, np.ndarray | None]:
+    """``check_pair`` of row ``index`` of a Hugging Face dataset."""
+    try:
+        image, label, where = rows.encoded(index)
+    except SegrankError as err:
+        return [(f"{rows.root} row {index}", str(err))], None, None
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            width, height = img.size
+    except OSError as err:
+        return [(f"{where} ({rows.columns[0]})", f"unreadable image ({err})")], None, None
+    name = f"{where} ({rows.columns[1]})"
+    try:
+        raw = read_label_file(io.BytesIO(label), name)
+    except SegrankError as err:
+        return [(name, str(err).removeprefix(f"{name}: "))], None, None
+    return label_report(raw, (height, width), name, layout, num_classes, ignore_index)
 
 
 def format_report(report: CheckReport, top: int = 20) -> str:

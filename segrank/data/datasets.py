@@ -11,9 +11,10 @@ item depends only on its key: DataLoader workers, process counts and resumed run
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -21,7 +22,17 @@ from PIL import Image
 
 from segrank.config import DataConfig
 from segrank.data import transforms
-from segrank.data.info import NORMALIZATIONS, DatasetInfo, Layout, dataset_info, dataset_spec, folder_layout
+from segrank.data.huggingface import NAME as HF_NAME
+from segrank.data.huggingface import HFRows, hf_options
+from segrank.data.info import (
+    NORMALIZATIONS,
+    DatasetInfo,
+    Layout,
+    dataset_info,
+    dataset_spec,
+    folder_layout,
+    huggingface_layout,
+)
 from segrank.data.synthetic import synthetic_options, synthetic_scene
 from segrank.errors import SegrankError
 
@@ -84,23 +95,26 @@ def list_samples(layout: Layout, root: Path, split: str) -> tuple[list[Sample], 
     return samples, orphans
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path | IO[bytes], where: str | None = None) -> np.ndarray:
+    """An image file (or an open encoded image, named ``where`` in errors) as uint8 RGB."""
     try:
         with Image.open(path) as img:
             return np.array(img.convert("RGB"))
     except OSError as err:
-        raise SegrankError(f"{path}: cannot read image ({err})") from None
+        raise SegrankError(f"{where or path}: cannot read image ({err})") from None
 
 
-def read_label_file(path: Path) -> np.ndarray:
-    """The stored label values (8- or 16-bit, palette indices for mode P); RGB/RGBA labels are an error."""
+def read_label_file(path: Path | IO[bytes], where: str | None = None) -> np.ndarray:
+    """The stored label values (8- or 16-bit, palette indices for mode P); RGB/RGBA labels are an error. ``path``
+    may be an open encoded image, named ``where`` in errors."""
     try:
         with Image.open(path) as img:
             if img.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
-                raise SegrankError(f"{path}: label is a {img.mode} colour image, expected one class index per pixel")
+                raise SegrankError(f"{where or path}: label is a {img.mode} colour image, expected one class index "
+                                   "per pixel")
             return np.asarray(img)
     except OSError as err:
-        raise SegrankError(f"{path}: cannot read label ({err})") from None
+        raise SegrankError(f"{where or path}: cannot read label ({err})") from None
 
 
 def decode_label(raw: np.ndarray, layout: Layout, ignore_index: int) -> np.ndarray:
@@ -133,10 +147,10 @@ class SegDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         if self.train:
             rng = np.random.default_rng(seed if seed is not None else index)
-            image, label_t = transforms.train_transform(
-                img, label, rng, img_scale=cfg.img_scale, ratio_range=cfg.ratio_range, crop_size=cfg.crop_size,
-                cat_max_ratio=cfg.cat_max_ratio, flip_prob=cfg.flip_prob, photometric=cfg.photometric,
-                mean=self.mean, std=self.std, ignore_index=self.info.ignore_index)
+            aug = transforms.Augmentation(cfg.img_scale, cfg.ratio_range, cfg.crop_size, cfg.cat_max_ratio,
+                                          cfg.flip_prob, cfg.photometric)
+            image, label_t = transforms.train_transform(img, label, rng, aug, mean=self.mean, std=self.std,
+                                                        ignore_index=self.info.ignore_index)
         else:
             image = transforms.eval_transform(img, cfg.img_scale, self.mean, self.std)
             label_t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
@@ -165,13 +179,41 @@ class FileDataset(SegDataset):
         s = self.samples[index]
         img = read_image(s.image)
         label = decode_label(read_label_file(s.label), self.layout, self.info.ignore_index)
-        if label.shape != img.shape[:2]:
-            raise SegrankError(f"{s.label}: label size {label.shape} differs from image size {img.shape[:2]}")
-        outside = (label != self.info.ignore_index) & ((label < 0) | (label >= self.info.num_classes))
-        if outside.any():
-            raise SegrankError(f"{s.label}: {int(outside.sum())} pixels with class ids outside the "
-                               f"{self.info.num_classes}-class vocabulary (e.g. {int(label[outside][0])})")
+        check_label(label, img, self.info, str(s.label))
         return img, label, str(s.image)
+
+
+def check_label(label: np.ndarray, img: np.ndarray, info: DatasetInfo, where: str) -> None:
+    """A decoded label has the image's size and only class ids of the vocabulary (or the ignore value)."""
+    if label.shape != img.shape[:2]:
+        raise SegrankError(f"{where}: label size {label.shape} differs from image size {img.shape[:2]}")
+    outside = (label != info.ignore_index) & ((label < 0) | (label >= info.num_classes))
+    if outside.any():
+        raise SegrankError(f"{where}: {int(outside.sum())} pixels with class ids outside the "
+                           f"{info.num_classes}-class vocabulary (e.g. {int(label[outside][0])})")
+
+
+class HuggingFaceDataset(SegDataset):
+    """A Hugging Face dataset on disk (segrank.data.huggingface): rows read on demand, labels decoded as a folder
+    dataset's."""
+
+    def __init__(self, info: DatasetInfo, cfg: DataConfig, split: str, train: bool, root: Path) -> None:
+        super().__init__(info, cfg, split, train)
+        self.layout = huggingface_layout(cfg.options, info.num_classes)
+        self.rows = HFRows(root, split, hf_options(cfg.options))
+        if not len(self.rows):
+            raise SegrankError(f"{root}: split {split!r} of dataset {info.name!r} has no rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        image, label, where = self.rows.encoded(index)
+        img = read_image(io.BytesIO(image), f"{where} ({self.rows.columns[0]})")
+        raw = read_label_file(io.BytesIO(label), f"{where} ({self.rows.columns[1]})")
+        label = decode_label(raw, self.layout, self.info.ignore_index)
+        check_label(label, img, self.info, f"{where} ({self.rows.columns[1]})")
+        return img, label, where
 
 
 class SyntheticDataset(SegDataset):
@@ -188,18 +230,27 @@ class SyntheticDataset(SegDataset):
         return img, label, f"synthetic/{self.split}/{index:06d}"
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool) -> SegDataset:
-    """Dataset ``cfg.dataset`` at ``cfg.root``, split ``split``; ``train`` selects the augmenting pipeline."""
-    spec = dataset_spec(cfg.dataset)
-    if cfg.dataset == "synthetic":
-        return SyntheticDataset(dataset_info("synthetic", cfg.options), cfg, split, train)
-    if cfg.options:
-        raise SegrankError(f"data.options: dataset {cfg.dataset!r} takes no options, got {sorted(cfg.options)}")
+def dataset_root(cfg: DataConfig) -> Path:
+    """``data.root``, which must be a folder."""
     if cfg.root is None:
         raise SegrankError(f"data.root: dataset {cfg.dataset!r} needs its root directory")
     root = Path(cfg.root)
     if not root.is_dir():
         raise SegrankError(f"{root}: dataset root not found (data.root of dataset {cfg.dataset!r})")
+    return root
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool) -> SegDataset:
+    """Dataset ``cfg.dataset`` at ``cfg.root``, split ``split``; ``train`` selects the augmenting pipeline."""
+    spec = dataset_spec(cfg.dataset)
+    if cfg.dataset == "synthetic":
+        return SyntheticDataset(dataset_info("synthetic", cfg.options), cfg, split, train)
+    if cfg.dataset == HF_NAME:
+        root = dataset_root(cfg)
+        return HuggingFaceDataset(dataset_info(cfg.dataset, cfg.options, root), cfg, split, train, root)
+    if cfg.options:
+        raise SegrankError(f"data.options: dataset {cfg.dataset!r} takes no options, got {sorted(cfg.options)}")
+    root = dataset_root(cfg)
     layout = folder_layout(root) if cfg.dataset == "folder" else spec.layout
     check_split(layout, split, cfg.dataset)
     info = dataset_info(cfg.dataset, None, root)

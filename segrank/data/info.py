@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from segrank import files
+from segrank.data import huggingface
 from segrank.data.synthetic import synthetic_classes
 from segrank.errors import SegrankError
 
@@ -64,6 +65,7 @@ class DatasetSpec:
     normalization: str  # the reference config's img_norm_cfg
     layout: Layout | None  # None: not read from files (synthetic)
     classes_file: str | None = None  # segrank/resources/classes/<file>.json
+    classes_from: str | None = None  # where a dataset read from its root finds its classes (segrank datasets list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,10 +94,13 @@ DATASETS: dict[str, DatasetSpec] = {
                     "imagenet", Layout({"train": "train2017", "val": "val2017"}, "images/{split}", "lvis_mask/{split}",
                                        ".jpg", ".png", reduce_zero_label=True, file_ignore=None), "coco_lvis"),
         DatasetSpec("folder", "your own data: ROOT/images, ROOT/labels, ROOT/classes.yaml, optional ROOT/splits/*.txt",
-                    "imagenet", None),
+                    "imagenet", None, classes_from="classes.yaml"),
+        DatasetSpec(huggingface.NAME, "a Hugging Face dataset on disk: save_to_disk folder or Parquet shards (options: "
+                    "image_column, label_column, classes, class_feature, reduce_zero_label, ignore_index)", "imagenet",
+                    None, classes_from="data.options"),
         DatasetSpec("synthetic", "built-in on-the-fly scenes: many classes, 2-6 per image (options: num_classes, "
-                    "image_size, train_images, val_images, seed, min_classes, max_classes, class_offset)", "half",
-                    None),
+                    "image_size, train_images, val_images, seed, min_classes, max_classes, class_offset, rare_classes, "
+                    "rare_ratio)", "half", None),
     ]
 }
 
@@ -146,11 +151,47 @@ def dataset_info(name: str, options: dict | None = None, root: str | Path | None
             raise SegrankError("dataset 'folder': needs its root directory (data.root) to read classes.yaml")
         folder = read_folder_classes(Path(root))
         classes, palette, norm = folder.classes, folder.palette, folder.normalization
+    elif name == huggingface.NAME:
+        classes, palette = huggingface_classes(root, options)
+        norm = spec.normalization
     else:
         classes, palette = (list(x) for x in _bundled_classes(spec.classes_file))
         norm = spec.normalization
     mean, std = NORMALIZATIONS[norm]
     return DatasetInfo(name, classes, palette, ignore_for(len(classes)), mean, std)
+
+
+def huggingface_classes(root: str | Path | None, options: dict) -> tuple[list[str], list[list[int]]]:
+    """Class names and palette of a Hugging Face dataset: ``options["classes"]`` (names, or the name of a bundled
+    list, whose palette comes with it), else the ClassLabel feature ``options["class_feature"]`` of the dataset."""
+    opts = huggingface.hf_options(options)
+    if opts.classes is not None and opts.class_feature is not None:
+        raise SegrankError("data.options.class_feature: give the class names by classes or by class_feature, not both")
+    if isinstance(opts.classes, str):
+        folder = resources.files("segrank").joinpath("resources", "classes")
+        bundled = sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+        if opts.classes not in bundled:
+            raise SegrankError(f"data.options.classes: {opts.classes!r} is not a bundled class list (bundled: "
+                               f"{', '.join(bundled)}); give the names as a list")
+        classes, palette = _bundled_classes(opts.classes)
+        return list(classes), [list(c) for c in palette]
+    if opts.classes is not None:
+        if not opts.classes:
+            raise SegrankError("data.options.classes: needs at least one class name")
+        return list(opts.classes), generated_palette(len(opts.classes))
+    if root is None:
+        raise SegrankError(f"dataset {huggingface.NAME!r}: needs its root directory (data.root)")
+    classes = huggingface.feature_classes(Path(root), opts.class_feature)
+    return classes, generated_palette(len(classes))
+
+
+def huggingface_layout(options: dict, num_classes: int) -> Layout:
+    """How a Hugging Face dataset's label values decode (as a folder dataset's classes.yaml says it)."""
+    opts = huggingface.hf_options(options)
+    if not opts.reduce_zero_label and opts.ignore_index is not None and 0 <= opts.ignore_index < num_classes:
+        raise SegrankError(f"data.options.ignore_index: {opts.ignore_index} collides with class id "
+                           f"{opts.ignore_index} (set reduce_zero_label, or another ignore_index)")
+    return Layout({}, "", "", "", "", reduce_zero_label=opts.reduce_zero_label, file_ignore=opts.ignore_index)
 
 
 @dataclass

@@ -30,7 +30,7 @@ COLOURS = {
 PATTERNS = ["speckle", "hstripes", "vstripes", "diagonal", "antidiagonal", "checker", "dots", "grid"]
 SHAPES = ["ellipse", "rectangle", "triangle", "diamond"]
 OPTIONS = {"num_classes": 150, "image_size": 128, "train_images": 1000, "val_images": 100, "seed": 0,
-           "min_classes": 2, "max_classes": 6, "class_offset": 0}
+           "min_classes": 2, "max_classes": 6, "class_offset": 0, "rare_classes": 0, "rare_ratio": 10}
 MIN_CLASS_FRACTION = 0.04  # a class that ends up smaller than this (occluded) triggers a redraw of the layout
 NOISE_STD = 6.0
 
@@ -46,6 +46,9 @@ def synthetic_options(options: dict[str, Any]) -> dict[str, int]:
             raise SegrankError(f"data.options.{key}: expected an integer, got {value!r}")
     if out["class_offset"] < 0:
         raise SegrankError(f"data.options.class_offset: must be >= 0, got {out['class_offset']}")
+    if not 0 <= out["rare_classes"] < out["num_classes"] or out["rare_ratio"] < 1:
+        raise SegrankError(f"data.options: need 0 <= rare_classes < num_classes and rare_ratio >= 1, got "
+                           f"{out['rare_classes']}, {out['rare_ratio']}")
     if out["num_classes"] < 2 or out["image_size"] < 16:
         raise SegrankError("data.options: synthetic needs num_classes >= 2 and image_size >= 16")
     if not 2 <= out["min_classes"] <= out["max_classes"] <= min(out["num_classes"], 6):
@@ -118,13 +121,26 @@ def _shape_mask(shape: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
+def draw_classes(rng: np.random.Generator, count: int, opts: dict[str, int]) -> np.ndarray:
+    """``count`` distinct classes of a scene, the background first. With ``rare_classes`` R (an imbalanced dataset)
+    the background is one of the other classes, and each of the last R classes joins a scene ``rare_ratio`` times less
+    often than each other class."""
+    n, rare = opts["num_classes"], opts["rare_classes"]
+    if not rare:
+        return rng.choice(n, count, replace=False)
+    background = int(rng.integers(n - rare))
+    others = np.delete(np.arange(n), background)
+    weights = np.where(others < n - rare, 1.0, 1.0 / opts["rare_ratio"])
+    return np.concatenate([[background], rng.choice(others, count - 1, replace=False, p=weights / weights.sum())])
+
+
 def synthetic_scene(index: int, split: str, opts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image, int64 label) of scene ``index`` of ``split``."""
     split_key = {"train": 0, "val": 1, "test": 2}.get(split, sum(map(ord, split)) + 3)
     rng = np.random.default_rng([opts["seed"], split_key, index])
     size = opts["image_size"]
     count = int(rng.integers(opts["min_classes"], opts["max_classes"] + 1))
-    classes = rng.choice(opts["num_classes"], count, replace=False)
+    classes = draw_classes(rng, count, opts)
     offset = opts["class_offset"]
     for _ in range(50):  # redraw the layout until every class keeps a sizeable region
         label = np.full((size, size), classes[0], np.int64)

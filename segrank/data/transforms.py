@@ -7,6 +7,8 @@ pure function of its seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,22 +180,33 @@ def pad(image: torch.Tensor, label: np.ndarray, size: tuple[int, int],
     return image, label
 
 
-def train_transform(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, img_scale: tuple[int, int],
-                    ratio_range: tuple[float, float], crop_size: tuple[int, int], cat_max_ratio: float,
-                    flip_prob: float, photometric: bool, mean: tuple[float, ...], std: tuple[float, ...],
-                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Augmentation:
+    """The training pipeline's random steps, as the data section of a config sets them (mmseg 0.x names)."""
+
+    img_scale: tuple[int, int]
+    ratio_range: tuple[float, float]
+    crop_size: tuple[int, int]
+    cat_max_ratio: float
+    flip_prob: float
+    photometric: bool
+
+
+def train_transform(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, aug: Augmentation, *,
+                    mean: tuple[float, ...], std: tuple[float, ...], ignore_index: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad (as mmseg 0.x).
 
     The crop is chosen on the resized label; only the cropped part of the image is resized (same pixels, less work).
     """
-    size = random_scale(label.shape, img_scale, ratio_range, rng)
+    size = random_scale(label.shape, aug.img_scale, aug.ratio_range, rng)
     label = resize_label(label, size)
-    top, left, h, w = random_crop_window(label, crop_size, cat_max_ratio, ignore_index, rng)
+    top, left, h, w = random_crop_window(label, aug.crop_size, aug.cat_max_ratio, ignore_index, rng)
     img, label = resize_image(img, size, (top, left, h, w)), label[top:top + h, left:left + w]
-    img, label = random_flip(img, label, flip_prob, rng)
-    if photometric:
+    img, label = random_flip(img, label, aug.flip_prob, rng)
+    if aug.photometric:
         img = photometric_distortion(img, rng)
-    image, label = pad(normalize(img, mean, std), label, crop_size, ignore_index)
+    image, label = pad(normalize(img, mean, std), label, aug.crop_size, ignore_index)
     return image, torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
 
 

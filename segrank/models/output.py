@@ -1,11 +1,12 @@
-"""The typed result of a segmentation forward pass."""
+"""The typed result of a segmentation forward pass, and what a decode head declares about the result it returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 FILL_LOGIT = -100.0  # logit the RankSeg reference gives to classes that were not selected
 
@@ -47,3 +48,20 @@ def densify(slot_logits: Tensor, class_index: Tensor, num_classes: int, fill: fl
     index = index.view(B, k, *([1] * len(spatial))).expand(B, k, *spatial)
     out.scatter_(1, index, slot_logits)
     return out[:, :num_classes]
+
+
+class DecodeHead(nn.Module):
+    """Base of the decode heads. ``forward(feature_map, class_tokens)`` takes the backbone's (B, D, h, w) patch
+    features and its (B, N, D) class tokens (None without OCE) and returns a ``SegOutput``; the attributes below say
+    what that output is, so that prediction and export read them instead of testing the head's type.
+
+    needs_present_classes: ``forward`` takes a third argument, the (B, N) bool classes present in each image's label
+        (GT oracle); such a model cannot segment unlabelled images nor be exported.
+    topk: number of rank slots per image, when fixed (a top-k head: the classes kept per image), else None.
+    output_names: the tensors an exported graph returns, in order, named after the ``SegOutput`` fields they come
+        from: ``logits`` (``mask_logits`` at the input size), ``class_index``, ``image_logits``.
+    """
+
+    needs_present_classes: ClassVar[bool] = False
+    output_names: ClassVar[tuple[str, ...]] = ("logits",)
+    topk: int | None = None

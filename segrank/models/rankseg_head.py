@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segrank.config import HeadConfig
-from segrank.models.blocks import init_transformer_weights
+from segrank.models.blocks import Block, init_transformer_weights
 from segrank.models.output import FILL_LOGIT, SegOutput
 from segrank.models.pooling import adaptive_avg_pool2d
 from segrank.models.segmenter_head import MaskDecoderBase, to_grid, tokens_of
@@ -131,6 +131,8 @@ def global_pool_classifier(d_encoder: int, num_classes: int) -> nn.Sequential:
 
 
 class RankSegHead(MaskDecoderBase):
+    output_names = ("logits", "class_index", "image_logits")
+
     def __init__(self, cfg: HeadConfig, num_classes: int, d_encoder: int) -> None:
         super().__init__(cfg, num_classes, d_encoder, cfg.n_layers)
         self.topk = cfg.topk
@@ -141,6 +143,10 @@ class RankSegHead(MaskDecoderBase):
             self.decoder_norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
             self.ml_fc = GroupWiseLinear(num_classes, cfg.d_model)
         self.reset_parameters()
+        if cfg.multilabel_head == "encoder_layer" and cfg.image_prior_prob is not None:
+            # Every class starts at the prior p (RetinaNet's init): a rare class's score need not first fall from
+            # about 0.5. A constant, no random draw: the other weights are the same as without it.
+            nn.init.constant_(self.ml_fc.b, -math.log((1 - cfg.image_prior_prob) / cfg.image_prior_prob))
         # Built after the generic init so GroupWiseLinear and the convs keep their own initialisation; as in the
         # reference, Linear/LayerNorm layers of the Query2Label transformer get the head's init (in_proj stays
         # xavier).
@@ -153,6 +159,11 @@ class RankSegHead(MaskDecoderBase):
     @property
     def seg_blocks(self) -> nn.ModuleList:
         return self.blocks[1:] if self.multilabel_head == "encoder_layer" else self.blocks
+
+    @property
+    def multilabel_block(self) -> Block | None:
+        """``encoder_layer``: block 0 on [pooled patch tokens; all N class tokens]; the other branches have none."""
+        return self.blocks[0] if self.multilabel_head == "encoder_layer" else None
 
     def forward(self, feature_map: Tensor, backbone_classes: Tensor | None = None) -> SegOutput:
         B, _, h, w = feature_map.shape
@@ -205,6 +216,9 @@ class SelectedLayerNorm(nn.Module):
 
 class RankSegGTHead(MaskDecoderBase):
     """GT oracle: the classes present in the label replace the predicted top-k (ascending class ids)."""
+
+    needs_present_classes = True
+    output_names = ("logits", "class_index")
 
     def __init__(self, cfg: HeadConfig, num_classes: int, d_encoder: int) -> None:
         super().__init__(cfg, num_classes, d_encoder, cfg.n_layers)

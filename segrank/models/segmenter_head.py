@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from segrank.config import HeadConfig
 from segrank.models.blocks import Block, init_transformer_weights, stochastic_depth_rates
-from segrank.models.output import SegOutput
+from segrank.models.output import DecodeHead, SegOutput
 
 
 def tokens_of(feature_map: Tensor) -> Tensor:
@@ -16,7 +16,7 @@ def tokens_of(feature_map: Tensor) -> Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
-class MaskDecoderBase(nn.Module):
+class MaskDecoderBase(DecodeHead):
     """Parameters and the cosine-mask step shared by the Segmenter and RankSeg mask transformers."""
 
     def __init__(self, cfg: HeadConfig, num_classes: int, d_encoder: int, n_blocks: int) -> None:
@@ -43,6 +43,16 @@ class MaskDecoderBase(nn.Module):
             self.proj_classes.copy_(d**-0.5 * torch.randn(d, d))
         if not self.cls_emb_from_backbone:
             nn.init.trunc_normal_(self.cls_emb, std=0.02)
+
+    @property
+    def seg_blocks(self) -> nn.ModuleList:
+        """The mask-transformer blocks, run on [patch tokens; class tokens] (``Block.attn`` of each can be recorded)."""
+        return self.blocks
+
+    @property
+    def multilabel_block(self) -> Block | None:
+        """The block whose class tokens score the image's classes (RankSeg's multi-label layer), if any."""
+        return None
 
     def class_embeddings(self, batch: int, backbone_classes: Tensor | None) -> Tensor:
         if self.cls_emb_from_backbone:
@@ -87,10 +97,10 @@ class MaskTransformerHead(MaskDecoderBase):
         return SegOutput(to_grid(masks, grid), self.num_classes)
 
 
-class LinearHead(nn.Module):
-    """Official Segmenter linear decoder: one Linear from patch features to class logits."""
+class LinearHead(DecodeHead):
+    """Official Segmenter linear decoder: one Linear from patch features to class logits (``cfg`` sets nothing)."""
 
-    def __init__(self, num_classes: int, d_encoder: int) -> None:
+    def __init__(self, cfg: HeadConfig, num_classes: int, d_encoder: int) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.head = nn.Linear(d_encoder, num_classes)

@@ -9,21 +9,14 @@ from torch import Tensor, nn
 from segrank.config import ModelConfig, model_config_from
 from segrank.config.inference import InferenceConfig
 from segrank.models import losses as L
-from segrank.models.output import SegOutput
-from segrank.models.rankseg_head import RankSegGTHead, RankSegHead
-from segrank.models.segmenter_head import LinearHead, MaskTransformerHead
+from segrank.models.heads import build_head
+from segrank.models.output import DecodeHead, SegOutput
+from segrank.models.pixel_losses import pixel_loss
+from segrank.models.rankseg_head import SelectedLayerNorm
 from segrank.models.vit import VisionTransformer
 
-
-def build_head(cfg: ModelConfig) -> nn.Module:
-    h, n, d_enc = cfg.head, cfg.num_classes, cfg.backbone.embed_dim
-    if h.type == "segmenter":
-        return MaskTransformerHead(h, n, d_enc)
-    if h.type == "rankseg":
-        return RankSegHead(h, n, d_enc)
-    if h.type == "rankseg_gt":
-        return RankSegGTHead(h, n, d_enc)
-    return LinearHead(n, d_enc)
+# Normalisation layers, whose parameters the optimiser's norm_decay_mult rule names.
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, SelectedLayerNorm)
 
 
 def standard_layout(grad: Tensor) -> Tensor:
@@ -49,7 +42,7 @@ class Segmentor(nn.Module):
         self.num_classes = cfg.num_classes
         self.patch_size = cfg.backbone.patch_size
         self.backbone = VisionTransformer(cfg.backbone, num_classes=cfg.num_classes)
-        self.decode_head = build_head(cfg)
+        self.decode_head: DecodeHead = build_head(cfg)
         # Test settings the model's checkpoint carries (set by the checkpoint loaders and by training), so that a
         # model handed to a Predictor segments as it did where it was trained.
         self.inference: InferenceConfig | None = None
@@ -60,7 +53,7 @@ class Segmentor(nn.Module):
     @property
     def needs_present_classes(self) -> bool:
         """GT-oracle models take the classes present in each image as a second input."""
-        return isinstance(self.decode_head, RankSegGTHead)
+        return self.decode_head.needs_present_classes
 
     def forward(self, images: Tensor, present: Tensor | None = None) -> SegOutput:
         """images (B, 3, H, W) normalised -> patch-grid SegOutput (sparse for RankSeg).
@@ -144,7 +137,7 @@ class Segmentor(nn.Module):
             target = labels
         else:
             target = L.rank_remap(labels, output.class_index, self.num_classes, ignore_index)
-        out["loss_seg"] = L.seg_cross_entropy(logits, target, ignore_index, cfg.seg_reduction)
+        out["loss_seg"] = pixel_loss(logits, target, ignore_index, cfg, output.class_index)
         out["pixel_acc"] = L.pixel_accuracy(logits.detach(), target)
         total = out["loss_seg"]
         if output.image_logits is not None:
@@ -164,6 +157,18 @@ class Segmentor(nn.Module):
                 out["image_precision"] = L.image_precision(hist, output.class_index)
         out["loss"] = total
         return out
+
+    def norm_parameter_names(self) -> set[str]:
+        """The parameters of normalisation layers (LayerNorm, GroupNorm, the GT oracle's SelectedLayerNorm): those
+        the optimiser's ``norm_decay_mult`` applies to."""
+        return {f"{prefix}.{name}" if prefix else name for prefix, module in self.named_modules()
+                if isinstance(module, NORM_LAYERS) for name, _ in module.named_parameters(recurse=False)}
+
+    def bias_parameter_names(self) -> set[str]:
+        """The biases (``*.bias``) of the layers that are not normalisation layers: those the optimiser's
+        ``bias_decay_mult`` applies to."""
+        norms = self.norm_parameter_names()
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] == "bias" and name not in norms}
 
 
 def describe_input(value: object) -> str:

@@ -9,13 +9,16 @@ import sys
 
 import pytest
 
-MACHINE_KEYS = {"cpu", "threads", "torch", "device"}
+from segrank.runtime.precision import CPU_FLAGS
+
+MACHINE_KEYS = {"cpu", "cpu_flags", "threads", "torch", "device", "matmul_gflops_per_s", "matmul_size"}
 FORWARD = ["--backbone", "vit_t16", "--size", "64", "--classes", "7,30", "--reps", "1"]
+FORWARD_KEYS = {"model", "classes", "precision", "compile", "first_call_s", "head_and_map_s", "end_to_end_s", "gflops",
+                "achieved_gflops_per_s", "matmul_gflops_per_s", "fraction_of_matmul", "fraction_of_fp32_matmul",
+                "fraction_of_bf16_matmul", "head_vs_segmenter", "end_to_end_vs_segmenter"}
 CASES = {
-    "forward": (FORWARD, {"model", "classes", "amp", "head_and_map_s", "end_to_end_s", "gflops",
-                          "achieved_gflops_per_s", "matmul_gflops_per_s", "fraction_of_matmul", "head_vs_segmenter",
-                          "end_to_end_vs_segmenter"}, 4),
-    "forward --amp bf16": ([*FORWARD, "--amp", "bf16"], {"amp", "end_to_end_s", "gflops"}, 4),
+    "forward": (FORWARD, FORWARD_KEYS, 4),
+    "forward --amp bf16": ([*FORWARD, "--amp", "bf16"], FORWARD_KEYS, 4),  # the deprecated alias of --precision
     "train-step": (["--size", "32", "--classes", "9", "--batch", "1,2", "--reps", "1"],
                    {"model", "batch", "step_s", "peak_mb", "before_steps_mb", "memory_kind"}, 4),
     "eval-memory": (["--classes", "12", "--image-size", "32,48", "--reps", "1"],
@@ -37,7 +40,16 @@ def test_benchmark_prints_json_records(name):
     for record in records:
         assert record["benchmark"] in (name, "data_pipeline")
         assert keys <= set(record), keys - set(record)
-        assert set(record["machine"]) >= MACHINE_KEYS
+        machine = record["machine"]
+        assert set(machine) >= MACHINE_KEYS
+        assert set(machine["matmul_gflops_per_s"]) == {"fp32", "bf16"} and set(machine["cpu_flags"]) <= set(CPU_FLAGS)
+    if name == "forward":  # judged against the matmul rate of the precision it ran in, measured in the same run
+        for record in records:
+            assert record["precision"] == ("bf16" if "--amp" in args else "fp32")
+            rate = record["machine"]["matmul_gflops_per_s"][record["precision"]]
+            assert record["matmul_gflops_per_s"] == rate
+            assert record["fraction_of_matmul"] == pytest.approx(record["achieved_gflops_per_s"] / rate)
+            assert record[f"fraction_of_{record['precision']}_matmul"] == record["fraction_of_matmul"]
     if name == "eval-memory":
         assert all(r["identical_predictions"] for r in records)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -65,9 +67,10 @@ def test_flip_flips_image_and_label_together(photo):
     h, w = label.shape
     seen = set()
     for seed in range(8):
-        image, out = T.train_transform(img, label, np.random.default_rng(seed), img_scale=(max(h, w), min(h, w)),
-                                       ratio_range=(1.0, 1.0), crop_size=(h, w), cat_max_ratio=1.0, flip_prob=0.5,
-                                       photometric=False, mean=MEAN, std=STD, ignore_index=255)
+        aug = T.Augmentation(img_scale=(max(h, w), min(h, w)), ratio_range=(1.0, 1.0), crop_size=(h, w),
+                             cat_max_ratio=1.0, flip_prob=0.5, photometric=False)
+        image, out = T.train_transform(img, label, np.random.default_rng(seed), aug, mean=MEAN, std=STD,
+                                       ignore_index=255)
         flipped = torch.equal(out, torch.from_numpy(label[:, ::-1].copy()))
         assert flipped or torch.equal(out, torch.from_numpy(label))
         expected = img[:, ::-1] if flipped else img
@@ -124,9 +127,9 @@ def test_pad_uses_zero_for_the_image_and_the_ignore_value_for_the_label(photo, i
     assert np.all(padded[h:] == ignore) and np.all(padded[:, w:] == ignore)
     assert np.array_equal(padded[:h, :w], label)
     # the full pipeline on a small image: crop larger than the image -> padded to exactly crop_size
-    image, out = T.train_transform(img, label, np.random.default_rng(0), img_scale=(200, 150), ratio_range=(1, 1),
-                                   crop_size=(256, 256), cat_max_ratio=0.75, flip_prob=0.5, photometric=True,
-                                   mean=MEAN, std=STD, ignore_index=ignore)
+    aug = T.Augmentation(img_scale=(200, 150), ratio_range=(1, 1), crop_size=(256, 256), cat_max_ratio=0.75,
+                         flip_prob=0.5, photometric=True)
+    image, out = T.train_transform(img, label, np.random.default_rng(0), aug, mean=MEAN, std=STD, ignore_index=ignore)
     rh, rw = T.rescale_size(h, w, (200, 150))
     assert image.shape == (3, 256, 256) and out.shape == (256, 256) and out.dtype == torch.int64
     assert torch.all(out[rh:] == ignore) and torch.all(out[:, rw:] == ignore) and torch.all(out[:rh, :rw] != ignore)
@@ -136,10 +139,12 @@ def test_photometric_distortion_changes_pixels_but_never_the_label(photo):
     img, label = photo
     changed = 0
     for seed in range(6):
-        kwargs = dict(img_scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(256, 256), cat_max_ratio=0.75,
-                      flip_prob=0.5, mean=MEAN, std=STD, ignore_index=255)
-        image_on, label_on = T.train_transform(img, label, np.random.default_rng(seed), photometric=True, **kwargs)
-        image_off, label_off = T.train_transform(img, label, np.random.default_rng(seed), photometric=False, **kwargs)
+        on = T.Augmentation(img_scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(256, 256), cat_max_ratio=0.75,
+                            flip_prob=0.5, photometric=True)
+        off = dataclasses.replace(on, photometric=False)
+        kwargs = dict(mean=MEAN, std=STD, ignore_index=255)
+        image_on, label_on = T.train_transform(img, label, np.random.default_rng(seed), on, **kwargs)
+        image_off, label_off = T.train_transform(img, label, np.random.default_rng(seed), off, **kwargs)
         assert torch.equal(label_on, label_off)
         changed += not torch.equal(image_on, image_off)
     assert changed >= 4

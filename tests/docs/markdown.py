@@ -89,6 +89,33 @@ def apply_marker(block: Block, text: str, line: int, known_setups: set[str]) -> 
                               "append [PREFIX]: ARGS | parse-only [PREFIX]: REASON | skip-command PREFIX: REASON)")
 
 
+def fenced_block(lines: list[str], i: int, fence: re.Match[str], name: str) -> tuple[Block, int]:
+    """The block whose opening fence is line ``i``, and the index of its closing fence."""
+    indent, marks, lang = len(fence.group(1)), fence.group(2), fence.group(3).lower()
+    end = i + 1
+    closing = re.compile(rf" {{0,3}}{re.escape(marks[0])}{{{len(marks)},}}\s*")
+    while end < len(lines) and not closing.fullmatch(lines[end]):
+        end += 1
+    code = "".join(re.sub(f"^ {{0,{indent}}}", "", ln) + "\n" for ln in lines[i + 1:end])
+    block = Block(name, i + 1, lang, code)
+    if end == len(lines):
+        block.problems.append("code fence never closed")
+    if block.kind == "unknown":
+        block.problems.append(f"fenced block with language {lang or '(none)'!r}: tag commands ```console, "
+                              "code ```python (both run), anything else ```text, ```yaml or ```json")
+    return block, end
+
+
+def indented_block(lines: list[str], start: int, name: str) -> tuple[Block, int]:
+    """An indented code block starting at line ``start`` (refused: blocks are fenced), and the index after it."""
+    i = start
+    while i < len(lines) and (lines[i].startswith("    ") or not lines[i].strip()):
+        i += 1
+    return Block(name, start + 1, code="\n".join(ln[4:] for ln in lines[start:i]),
+                 problems=["indented code block: fence it as ```console (commands, run), ```python (run) or "
+                           "```text (not run)"]), i
+
+
 def parse_blocks(path: Path, root: Path, known_setups: set[str]) -> list[Block]:
     """Every code block of one Markdown file, with its markers; problems are recorded on the blocks."""
     name = path.relative_to(root).as_posix()
@@ -100,18 +127,7 @@ def parse_blocks(path: Path, root: Path, known_setups: set[str]) -> list[Block]:
         line, number = lines[i], i + 1
         fence = FENCE.match(line)
         if fence:
-            indent, marks, lang = len(fence.group(1)), fence.group(2), fence.group(3).lower()
-            end = i + 1
-            closing = re.compile(rf" {{0,3}}{re.escape(marks[0])}{{{len(marks)},}}\s*")
-            while end < len(lines) and not closing.fullmatch(lines[end]):
-                end += 1
-            code = "".join(re.sub(f"^ {{0,{indent}}}", "", ln) + "\n" for ln in lines[i + 1:end])
-            block = Block(name, number, lang, code)
-            if end == len(lines):
-                block.problems.append("code fence never closed")
-            if block.kind == "unknown":
-                block.problems.append(f"fenced block with language {lang or '(none)'!r}: tag commands ```console, "
-                                      "code ```python (both run), anything else ```text, ```yaml or ```json")
+            block, end = fenced_block(lines, i, fence, name)
             for marker_line, text in markers:
                 apply_marker(block, text, marker_line, known_setups)
             if markers and block.kind == "data":
@@ -131,12 +147,8 @@ def parse_blocks(path: Path, root: Path, known_setups: set[str]) -> list[Block]:
             blocks.append(Block(name, markers[0][0], problems=["doc-test marker not directly above a fenced block"]))
             markers = []
         if previous_blank and not in_list and line.startswith("    ") and line.strip():
-            start = i
-            while i < len(lines) and (lines[i].startswith("    ") or not lines[i].strip()):
-                i += 1
-            blocks.append(Block(name, start + 1, code="\n".join(ln[4:] for ln in lines[start:i]),
-                                problems=["indented code block: fence it as ```console (commands, run), ```python "
-                                          "(run) or ```text (not run)"]))
+            block, i = indented_block(lines, i, name)
+            blocks.append(block)
             previous_blank = not lines[i - 1].strip()
             continue
         if LIST_ITEM.match(line):

@@ -9,12 +9,16 @@ session and copied into each block's folder.
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import yaml
 from PIL import Image
@@ -170,7 +174,33 @@ def cocostuff10k_download(cache: Cache, cwd: Path, home: Path) -> None:
     copy(cache.get("cocostuff-10k", build), home / "Downloads" / "cocostuff-10k")
 
 
+def scene_parse_150(cache: Cache, cwd: Path, home: Path) -> None:
+    """``data/scene_parse_150``: the Hub's Parquet files of scene_parse_150 (``data/{train,validation}-00000-of-
+    00001.parquet``: ``image`` and ``annotation`` Image structs, ``scene_category``), three 48x64 rows per split whose
+    labels hold 0 ("other") and ADE20K classes 1..150."""
+    def build(out: Path) -> None:
+        rng = np.random.default_rng(0)
+        image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        features = {"image": {"_type": "Image"}, "annotation": {"_type": "Image"},
+                    "scene_category": {"names": ["airport_terminal", "art_gallery"], "_type": "ClassLabel"}}
+        schema = pa.schema([("image", image_type), ("annotation", image_type), ("scene_category", pa.int64())],
+                           metadata={"huggingface": json.dumps({"info": {"features": features}})})
+        for split in ("train", "validation"):
+            rows = {"image": [], "annotation": [], "scene_category": []}
+            for i in range(3):
+                label = np.repeat(rng.choice(np.array([0, 1, 3, 13, 150], np.uint8), (6, 8)), 8, 0).repeat(8, 1)
+                for column, array in (("image", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)),
+                                      ("annotation", label)):
+                    encoded = io.BytesIO()
+                    Image.fromarray(array).save(encoded, format="JPEG" if column == "image" else "PNG")
+                    rows[column].append({"bytes": encoded.getvalue(), "path": f"{split}_{i}.jpg"})
+                rows["scene_category"].append(i % 2)
+            (out / "data").mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(rows, schema=schema), out / "data" / f"{split}-00000-of-00001.parquet")
+    copy(cache.get("scene_parse_150", build), cwd / "data" / "scene_parse_150")
+
+
 SETUPS: dict[str, Callable[[Cache, Path, Path], None]] = {
     f.__name__: f for f in (rankseg_release, rankseg_converted, gt_converted, official_segmenter, pretrained,
-                            ade20k_data, photos, cocostuff10k_download)
+                            ade20k_data, photos, cocostuff10k_download, scene_parse_150)
 }

@@ -8,8 +8,9 @@ import torch
 from segrank import build_model
 from segrank.checkpoints import export_checkpoint
 from segrank.config import ModelConfig, from_dict
+from tests.conftest import tiny_run_config
 from tests.reliability.bad_input import CASES, case, eval_args, eval_setup, read_only, train_args
-from tests.reliability.common import tiny_config, write_config
+from tests.reliability.common import write_config
 
 # --- outputs ---------------------------------------------------------------------------------------------------
 
@@ -17,7 +18,7 @@ from tests.reliability.common import tiny_config, write_config
 @case
 def unwritable_work_dir(tmp):
     (tmp / "a_file").write_text("")
-    return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", tmp / "a_file" / "run",
+    return ["train", write_config(tmp / "train.yaml", tiny_run_config()), "--work-dir", tmp / "a_file" / "run",
             "--no-progress"], "a_file/run: cannot be created, "
 
 
@@ -25,7 +26,7 @@ def unwritable_work_dir(tmp):
 def existing_work_dir_without_resume(tmp):
     (tmp / "run").mkdir()
     (tmp / "run" / "notes.txt").write_text("an earlier run\n")
-    return train_args(tmp, tiny_config()), "run: work directory exists and is not empty (pass --resume"
+    return train_args(tmp, tiny_run_config()), "run: work directory exists and is not empty (pass --resume"
 
 
 @case
@@ -38,7 +39,7 @@ def predict_output_is_a_file(tmp):
 @case
 def not_enough_disk_space(tmp):
     """The run's first checkpoint would not fit (disk_usage reports 1 KiB free): refused before anything is written."""
-    return train_args(tmp, tiny_config()), "MiB free, a checkpoint needs"
+    return train_args(tmp, tiny_run_config()), "MiB free, a checkpoint needs"
 
 
 @case
@@ -78,7 +79,7 @@ def predict_out_in_read_only_folder(tmp):
 
 @case
 def convert_out_in_read_only_folder(tmp):
-    cfg = tiny_config()
+    cfg = tiny_run_config()
     torch.manual_seed(0)
     pth = export_checkpoint(build_model(from_dict(ModelConfig, cfg["model"])), tmp / "mmseg.pth", "mmseg")
     return ["convert", pth, "--out", read_only(tmp / "ro") / "m.safetensors"], "ro/m.safetensors: cannot write, "
@@ -92,7 +93,7 @@ def export_out_in_read_only_folder(tmp):
 
 @case
 def train_work_dir_in_read_only_folder(tmp):
-    return ["train", write_config(tmp / "train.yaml", tiny_config()), "--work-dir", read_only(tmp / "ro") / "run",
+    return ["train", write_config(tmp / "train.yaml", tiny_run_config()), "--work-dir", read_only(tmp / "ro") / "run",
             "--no-progress"], "ro/run: cannot write, "
 
 

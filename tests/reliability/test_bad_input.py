@@ -12,12 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
+import tests.reliability.bad_files  # noqa: F401  (registers the cases of files' structure)
+import tests.reliability.bad_images_and_models  # noqa: F401  (hostile checkpoints, test scales, images)
 import tests.reliability.bad_outputs  # noqa: F401  (registers the cases of outputs and command-line flags)
+import tests.reliability.bad_training  # noqa: F401  (registers the cases of trackers and the work-dir lock)
 from segrank import build_model
 from segrank.checkpoints import export_checkpoint
 from segrank.config import ModelConfig, from_dict
+from segrank.training import trackers
+from tests.conftest import tiny_run_config
+from tests.reliability.bad_destinations import FAULTS  # (and registers the cases of destinations)
 from tests.reliability.bad_input import CASES, case, checkpoint, eval_args, eval_setup, run_cli_quiet, train_args
-from tests.reliability.common import folder_config, folder_dataset, run_cli, snapshot, tiny_config, write_config
+from tests.reliability.bad_training import TRACKER_PACKAGE_MISSING
+from tests.reliability.common import folder_config, folder_dataset, run_cli, snapshot, write_config
 
 # --- data files (read by segrank eval, with a worker process) -------------------------------------------------
 
@@ -77,7 +84,7 @@ def image_without_label(tmp):
 
 @case
 def missing_dataset_root(tmp):
-    cfg = tiny_config(data={"dataset": "ade20k", "root": str(tmp / "ADEChallengeData2016"), "options": {}},
+    cfg = tiny_run_config(data={"dataset": "ade20k", "root": str(tmp / "ADEChallengeData2016"), "options": {}},
                       model={"num_classes": 150})
     return train_args(tmp, cfg), "ADEChallengeData2016: dataset root not found"
 
@@ -87,30 +94,30 @@ def missing_dataset_root(tmp):
 
 @case
 def unknown_config_key(tmp):
-    return train_args(tmp, tiny_config(), "--set", "train.max_iter=5"), \
+    return train_args(tmp, tiny_run_config(), "--set", "train.max_iter=5"), \
         "train.max_iter: unknown key (did you mean 'max_iters'?)"
 
 
 @case
 def unknown_key_in_file(tmp):
-    cfg = tiny_config()
+    cfg = tiny_run_config()
     cfg["model"]["head"]["top_k"] = 3
     return train_args(tmp, cfg), "model.head.top_k: unknown key (did you mean 'topk'?)"
 
 
 @case
 def wrong_value_type(tmp):
-    return train_args(tmp, tiny_config(), "--set", "train.lr=fast"), "train.lr: expected a number, got 'fast'"
+    return train_args(tmp, tiny_run_config(), "--set", "train.lr=fast"), "train.lr: expected a number, got 'fast'"
 
 
 @case
 def crop_larger_than_any_image(tmp):
-    return train_args(tmp, tiny_config(), "--set", "data.crop_size=[64,128]"), "data.crop_size"
+    return train_args(tmp, tiny_run_config(), "--set", "data.crop_size=[64,128]"), "data.crop_size"
 
 
 @case
 def topk_greater_than_classes(tmp):
-    return train_args(tmp, tiny_config(), "--set", "model.head.topk=7"), \
+    return train_args(tmp, tiny_run_config(), "--set", "model.head.topk=7"), \
         "model.head.topk: 7 must be in [1, num_classes=6]"
 
 
@@ -118,7 +125,7 @@ def topk_greater_than_classes(tmp):
 
 
 def bad_value(tmp, setting: str) -> list:
-    return train_args(tmp, tiny_config(), "--set", setting)
+    return train_args(tmp, tiny_run_config(), "--set", setting)
 
 
 @case
@@ -222,7 +229,7 @@ def eval_scale_zero(tmp):
 
 @case
 def config_show_of_bad_value(tmp):
-    return ["config", "show", write_config(tmp / "train.yaml", tiny_config()), "--set", "train.seed=-1"], \
+    return ["config", "show", write_config(tmp / "train.yaml", tiny_run_config()), "--set", "train.seed=-1"], \
         "train.seed: must be in [0, 4294967295], got -1"
 
 
@@ -232,28 +239,28 @@ def config_show_of_bad_value(tmp):
 @case
 def checkpoint_of_other_class_count(tmp):
     config, _, _ = eval_setup(tmp)
-    ckpt = checkpoint(tmp / "other.safetensors", tiny_config(), num_classes=5)
+    ckpt = checkpoint(tmp / "other.safetensors", tiny_run_config(), num_classes=5)
     return eval_args(config, ckpt), "other.safetensors: model has 5 classes, dataset 'folder' has 6"
 
 
 @case
 def checkpoint_of_other_architecture(tmp):
     config, _, _ = eval_setup(tmp)
-    cfg = tiny_config()
+    cfg = tiny_run_config()
     ckpt = checkpoint(tmp / "deeper.safetensors", cfg, backbone={**cfg["model"]["backbone"], "depth": 2})
     return [*eval_args(config, ckpt), "--use-config-model"], "deeper.safetensors: does not fit the architecture"
 
 
 @case
 def truncated_safetensors(tmp):
-    ckpt = checkpoint(tmp / "model.safetensors", tiny_config())
+    ckpt = checkpoint(tmp / "model.safetensors", tiny_run_config())
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     return ["info", ckpt], "model.safetensors: not a valid .safetensors file"
 
 
 @case
 def truncated_pth(tmp):
-    cfg = tiny_config()
+    cfg = tiny_run_config()
     torch.manual_seed(0)
     pth = export_checkpoint(build_model(from_dict(ModelConfig, cfg["model"])), tmp / "mmseg.pth", "mmseg")
     pth.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
@@ -314,17 +321,17 @@ def convert_into_a_non_empty_folder(tmp):
     _, ckpt, _ = eval_setup(tmp)
     (tmp / "hf").mkdir()
     (tmp / "hf" / "keep.txt").write_text("mine\n")
-    return ["convert", ckpt, "--out", tmp / "hf"], "hf: already exists (use --force to overwrite)"
+    return ["convert", ckpt, "--out", tmp / "hf"], "hf: already exists and holds other files (keep.txt)"
 
 
 @case
 def resume_checkpoint_of_other_architecture(tmp):
     """A work dir whose latest training checkpoint holds weights of another depth (a file copied by hand)."""
-    cfg = tiny_config(train={"max_iters": 2, "checkpoint_interval": 1})
+    cfg = tiny_run_config(train={"max_iters": 2, "checkpoint_interval": 1})
     args = train_args(tmp, cfg)
     assert run_cli_quiet(args) == 0
     ckpt_dir = tmp / "run" / "checkpoints"
-    other = tiny_config()
+    other = tiny_run_config()
     checkpoint(ckpt_dir / "iter_0000002.safetensors", other, backbone={**other["model"]["backbone"], "depth": 2})
     return [*args, "--resume", "--set", "train.max_iters=2"], "iter_0000002.safetensors: does not fit the architecture"
 
@@ -335,6 +342,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, caps
     if name == "not_enough_disk_space":
         real = shutil.disk_usage
         monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    if name in FAULTS:  # a disk that fails during the writes
+        FAULTS[name](monkeypatch)
+    if name == TRACKER_PACKAGE_MISSING:
+        monkeypatch.setattr(trackers, "installed", lambda tracker: tracker != "wandb")
     if os.geteuid() == 0:  # root may write anywhere: answer os.access from the owner's mode bits, as for a user
         access = os.access
         monkeypatch.setattr(os, "access", lambda path, mode, **kw: access(path, mode, **kw) and not (
@@ -352,4 +363,4 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, tmp_path, caps
 
 
 def test_matrix_is_complete():
-    assert len(CASES) >= 74
+    assert len(CASES) >= 109

@@ -8,20 +8,20 @@ import json
 import torch
 from safetensors.torch import load_file
 
-import segrank.engine.train as engine
+import segrank.training.loop as engine
 from segrank.config import Config, from_dict
-from tests.reliability.common import tiny_config
+from tests.conftest import tiny_run_config
 
 
 def run(tmp_path, name: str, seed: int) -> tuple[dict, dict, list]:
     # Evaluation during training, augmentation in a DataLoader worker process, dropout and drop path in the model.
-    cfg = from_dict(Config, tiny_config(train={"max_iters": 6, "eval_interval": 3, "checkpoint_interval": 3,
+    cfg = from_dict(Config, tiny_run_config(train={"max_iters": 6, "eval_interval": 3, "checkpoint_interval": 3,
                                                "seed": seed},
                                         data={"workers": 1}))
     result = engine.train(cfg, tmp_path / name, progress=False)
     records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     losses = [{k: v for k, v in r.items() if k not in ("time_s", "eta_s", "memory_mb")} for r in records]
-    return load_file(result["checkpoint"]), result["eval"], losses
+    return load_file(result.checkpoint), result.evaluation, losses
 
 
 def test_same_seed_same_weights_metrics_and_losses(tmp_path):

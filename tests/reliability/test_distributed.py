@@ -18,12 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import segrank.engine.train as engine
+import segrank.training.loop as engine
 from segrank.config import Config, from_dict
-from segrank.engine import runtime, state
 from segrank.errors import SegrankError
 from segrank.models import build_model
-from tests.reliability.common import REPO, subprocess_env, tiny_config, write_config
+from segrank.runtime import distributed as runtime
+from segrank.training import state
+from tests.conftest import tiny_run_config
+from tests.reliability.common import REPO, subprocess_env, write_config
 
 # Each worker records its pid under the attempt (torchrun restart count) and rank it runs as, then runs the CLI.
 DRIVER = """
@@ -112,7 +114,7 @@ def test_two_nodes_of_one_process_equal_the_one_process_run(tmp_path, launcher):
     """Two torchrun agents (``--nnodes 2``, c10d rendezvous on 127.0.0.1) of one process each: every global batch
     of 4 is split between the nodes; the weights after 6 steps equal a single process's up to the float rounding of
     the gradient all-reduce. Dropout and drop path are off: their random numbers are drawn per rank."""
-    cfg = tiny_config(train={"max_iters": 6, "batch_size": 4, "checkpoint_interval": 6})
+    cfg = tiny_run_config(train={"max_iters": 6, "batch_size": 4, "checkpoint_interval": 6})
     cfg["model"]["backbone"]["drop_path_rate"], cfg["model"]["head"]["dropout"] = 0.0, 0.0
     config, work = write_config(tmp_path / "tiny.yaml", cfg), tmp_path / "two_nodes"
     rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -126,7 +128,7 @@ def test_two_nodes_of_one_process_equal_the_one_process_run(tmp_path, launcher):
     assert ranks == ["attempt0-rank0", "attempt0-rank1"]  # one process per node, one group of two
 
     single = engine.train(from_dict(Config, cfg), tmp_path / "single", progress=False)
-    reference = load_file(single["checkpoint"])
+    reference = load_file(single.checkpoint)
     two_nodes = load_file(work / "checkpoints" / "iter_0000006.safetensors")
     torch.manual_seed(cfg["train"].get("seed", 0))
     initial = build_model(from_dict(Config, cfg).model).state_dict()
@@ -141,7 +143,7 @@ def test_killed_worker_restarts_the_group_which_resumes_to_the_uninterrupted_wei
     that writes the work dir) is SIGKILLed; torchrun stops rank 1 and starts both again, and the new attempt resumes
     the run from its latest checkpoint without --resume. The final weights equal an uninterrupted run's exactly."""
     max_iters, kill_after = 40, 8
-    cfg = tiny_config(train={"max_iters": max_iters, "batch_size": 4, "checkpoint_interval": 4})
+    cfg = tiny_run_config(train={"max_iters": max_iters, "batch_size": 4, "checkpoint_interval": 4})
     config = write_config(tmp_path / "tiny.yaml", cfg)
     elastic = ["--standalone", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
                "--monitor-interval", "0.1"]
@@ -179,11 +181,11 @@ def test_only_a_later_start_of_the_same_torchrun_job_continues_a_run(job, tmp_pa
     """The torchrun job that created a work dir continues it when started again (a restart; with its own
     --rdzv-id also a requeue, restart count 0); another job's start is refused as before. torchrun's default id
     "none" is shared by all jobs that set none: there only a restart continues."""
-    cfg = from_dict(Config, tiny_config(train={"max_iters": 2}))
+    cfg = from_dict(Config, tiny_run_config(train={"max_iters": 2}))
     work = tmp_path / "run"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert engine.train(cfg, work, progress=False)["step"] == 2
+    assert engine.train(cfg, work, progress=False).step == 2
     assert (work / state.LAUNCH).read_text() == f"{job}\n"
     for other, restart in (("another-job", "0"), ("another-job", "1")):
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", other)
@@ -197,7 +199,7 @@ def test_only_a_later_start_of_the_same_torchrun_job_continues_a_run(job, tmp_pa
             engine.train(cfg, work, progress=False)
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     capsys.readouterr()
-    assert engine.train(cfg, work, progress=False)["step"] == 2  # continued (here: already finished)
+    assert engine.train(cfg, work, progress=False).step == 2  # continued (here: already finished)
     assert f"torchrun job {job} started again" in capsys.readouterr().out
 
 

@@ -17,7 +17,13 @@ from PIL import Image
 from segrank.config import DataConfig
 from segrank.data import build_dataset
 from segrank.data.info import ignore_for
-from segrank.data.transforms import eval_transform, photometric_distortion, rescale_size, train_transform
+from segrank.data.transforms import (
+    Augmentation,
+    eval_transform,
+    photometric_distortion,
+    rescale_size,
+    train_transform,
+)
 from segrank.errors import SegrankError
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -38,10 +44,9 @@ def test_train_transform_keeps_image_and_label_aligned(h, w, img_scale, ratio_ra
     rows, cols = np.mgrid[:h, :w]
     img = np.stack([rows, cols, np.full_like(rows, 7)], -1).astype(np.uint8)
     label = (rows * w + cols).astype(np.int64)
-    image, out = train_transform(img, label, np.random.default_rng(seed), img_scale=img_scale,
-                                 ratio_range=ratio_range, crop_size=crop, cat_max_ratio=cat_max_ratio,
-                                 flip_prob=flip_prob, photometric=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                                 ignore_index=-1)
+    aug = Augmentation(img_scale, ratio_range, crop, cat_max_ratio, flip_prob, photometric=False)
+    image, out = train_transform(img, label, np.random.default_rng(seed), aug, mean=(0.0, 0.0, 0.0),
+                                 std=(1.0, 1.0, 1.0), ignore_index=-1)
     image, out = image.numpy(), out.numpy()
     assert image.shape == (3, *crop) and out.shape == crop
     valid = out != -1
@@ -81,9 +86,8 @@ def test_train_and_test_transforms_keep_labels_in_the_vocabulary(labels, img_sca
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    image, out = train_transform(img, label, rng, img_scale=img_scale, ratio_range=ratio_range, crop_size=crop,
-                                 cat_max_ratio=cat_max_ratio, flip_prob=0.5, photometric=photometric, mean=mean,
-                                 std=std, ignore_index=ignore)
+    aug = Augmentation(img_scale, ratio_range, crop, cat_max_ratio, 0.5, photometric)
+    image, out = train_transform(img, label, rng, aug, mean=mean, std=std, ignore_index=ignore)
     assert out.dtype == torch_int64() and tuple(out.shape) == crop and tuple(image.shape) == (3, *crop)
     assert set(np.unique(out.numpy())) <= set(np.unique(label).astype(np.int64)) | {ignore}
     assert np.isfinite(image.numpy()).all()

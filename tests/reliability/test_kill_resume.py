@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import segrank.engine.train as engine
+import segrank.training.loop as engine
 from segrank.config import Config, from_dict
-from segrank.engine import state
-from tests.reliability.common import REPO, subprocess_env, tiny_config, write_config
+from segrank.training import state
+from tests.conftest import tiny_run_config
+from tests.reliability.common import REPO, subprocess_env, write_config
 
 # The child is the segrank CLI; with KILL_IN_WRITE="<name part>:<n>" it SIGKILLs itself halfway through its n-th
 # write of a file whose name contains <name part>: the temp file holds half the bytes, as a kill mid-write leaves it.
@@ -41,7 +42,7 @@ if os.environ.get("KILL_IN_WRITE"):
                     os.kill(os.getpid(), signal.SIGKILL)
         atomic_write(path, write_half_and_die)
 
-    files.atomic_write = killing_write
+    files.atomic_write = files.writing.atomic_write = killing_write  # the package's name and its own module's
 sys.exit(main(sys.argv[1:]))
 """
 MAX_ITERS = 20
@@ -65,7 +66,7 @@ def assert_every_checkpoint_loads(ckpt_dir: Path) -> None:
 
 
 def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
-    cfg = tiny_config(train={"max_iters": MAX_ITERS})
+    cfg = tiny_run_config(train={"max_iters": MAX_ITERS})
     config, work = write_config(tmp_path / "tiny.yaml", cfg), tmp_path / "run"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -107,7 +108,7 @@ def test_sigkill_five_times_then_resume_equals_uninterrupted(tmp_path):
     assert logged == list(range(1, MAX_ITERS + 1))
 
     full = engine.train(from_dict(Config, cfg), tmp_path / "full", progress=False)
-    expected, got = load_file(full["checkpoint"]), load_file(ckpt_dir / f"iter_{MAX_ITERS:07d}.safetensors")
+    expected, got = load_file(full.checkpoint), load_file(ckpt_dir / f"iter_{MAX_ITERS:07d}.safetensors")
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key

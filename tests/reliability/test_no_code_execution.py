@@ -14,7 +14,8 @@ from segrank import build_model
 from segrank.checkpoints import export_checkpoint
 from segrank.checkpoints.mmseg import mmseg_config_text
 from segrank.config import ModelConfig, from_dict
-from tests.reliability.common import folder_config, folder_dataset, run_cli, tiny_config, write_config
+from tests.conftest import tiny_run_config
+from tests.reliability.common import folder_config, folder_dataset, run_cli, write_config
 
 
 class CreatesFile:
@@ -29,7 +30,7 @@ class CreatesFile:
 
 def malicious_pth(path: Path, marker: Path, layout: str = "mmseg") -> Path:
     """A checkpoint that looks right (real weights of the tiny model) with one object that runs code."""
-    cfg = from_dict(ModelConfig, tiny_config()["model"])
+    cfg = from_dict(ModelConfig, tiny_run_config()["model"])
     weights = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     if layout == "mmseg":
         ckpt = {"meta": {"config": mmseg_config_text(cfg)}, "state_dict": weights, "hook": CreatesFile(marker)}
@@ -70,7 +71,7 @@ def test_pickled_checkpoint_is_refused_by_every_command(command, tmp_path, capsy
 
 def test_official_segmenter_checkpoint_is_refused(tmp_path, capsys):
     marker, folder = tmp_path / "pwned", tmp_path / "segmenter"
-    model = build_model(from_dict(ModelConfig, tiny_config(model={"head": {"type": "segmenter"}})["model"]))
+    model = build_model(from_dict(ModelConfig, tiny_run_config(model={"head": {"type": "segmenter"}})["model"]))
     export_checkpoint(model, folder, "segmenter")
     malicious_pth(folder / "checkpoint.pth", marker, layout="segmenter")
     assert_refused(["convert", "--from", "segmenter", folder, "--out", tmp_path / "out.safetensors"], marker, capsys,
@@ -80,7 +81,7 @@ def test_official_segmenter_checkpoint_is_refused(tmp_path, capsys):
 def test_pretrained_backbone_file_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     pth = malicious_pth(tmp_path / "backbone.pth", marker)
-    cfg = tiny_config(train={"pretrained": str(pth)})
+    cfg = tiny_run_config(train={"pretrained": str(pth)})
     args = ["train", write_config(tmp_path / "cfg.yaml", cfg), "--work-dir", tmp_path / "run", "--no-progress"]
     assert_refused(args, marker, capsys, f"backbone.pth: not a loadable checkpoint ({REFUSED})")
     assert not (tmp_path / "run").exists()
@@ -89,7 +90,7 @@ def test_pretrained_backbone_file_is_refused(tmp_path, capsys):
 def test_resume_refuses_a_training_state_that_runs_code(tmp_path, capsys):
     """The latest training-state file of a run is replaced by a pickle that runs code: --resume refuses it."""
     marker = tmp_path / "pwned"
-    config = write_config(tmp_path / "cfg.yaml", tiny_config(train={"max_iters": 2}))
+    config = write_config(tmp_path / "cfg.yaml", tiny_run_config(train={"max_iters": 2}))
     args = ["train", config, "--work-dir", tmp_path / "run", "--no-progress"]
     assert run_cli(args, capsys)[0] == 0
     state_file = tmp_path / "run" / "checkpoints" / "iter_0000002.state.pt"
@@ -99,7 +100,7 @@ def test_resume_refuses_a_training_state_that_runs_code(tmp_path, capsys):
 
 def test_variant_yaml_with_python_tag_is_refused(tmp_path, capsys):
     marker, folder = tmp_path / "pwned", tmp_path / "segmenter"
-    model = build_model(from_dict(ModelConfig, tiny_config(model={"head": {"type": "segmenter"}})["model"]))
+    model = build_model(from_dict(ModelConfig, tiny_run_config(model={"head": {"type": "segmenter"}})["model"]))
     export_checkpoint(model, folder, "segmenter")
     variant = folder / "variant.yml"
     variant.write_text(f"hook: !!python/object/apply:builtins.open ['{marker}', 'w']\n" + variant.read_text())
@@ -110,14 +111,14 @@ def test_config_yaml_with_python_tag_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     config = tmp_path / "cfg.yaml"
     config.write_text(f"hook: !!python/object/apply:builtins.open ['{marker}', 'w']\n"
-                      + yaml.safe_dump(tiny_config()))
+                      + yaml.safe_dump(tiny_run_config()))
     assert_refused(["train", config, "--work-dir", tmp_path / "run"], marker, capsys, "cfg.yaml: not valid YAML")
 
 
 def test_mmseg_config_text_is_parsed_never_executed(tmp_path, capsys):
     """mmseg checkpoints carry their config as Python text: segrank reads its literals and never runs it."""
     marker = tmp_path / "pwned"
-    cfg = from_dict(ModelConfig, tiny_config()["model"])
+    cfg = from_dict(ModelConfig, tiny_run_config()["model"])
     ckpt = {"meta": {"config": f"model = open({str(marker)!r}, 'w')\n"}, "state_dict": build_model(cfg).state_dict()}
     torch.save(ckpt, tmp_path / "model.pth")
     assert_refused(["info", tmp_path / "model.pth"], marker, capsys, "meta.config holds no model definition")

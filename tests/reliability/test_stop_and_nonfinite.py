@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from segrank.engine import state
-from tests.reliability.common import REPO, run_cli, subprocess_env, tiny_config, write_config
+from segrank.training import state
+from tests.conftest import tiny_run_config
+from tests.reliability.common import REPO, run_cli, subprocess_env, write_config
 
 # The segrank CLI, printing "STEP <n>" at the start of each training step and then sleeping STEP_SLEEP seconds, so
 # the test knows the training loop runs and can signal in the middle of a step.
 DRIVER = """
 import os, sys, time
-import segrank.engine.train as engine
+import segrank.training.loop as engine
 from segrank.cli import main
 
 set_lr = engine.optim.set_lr
@@ -39,7 +40,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def start_training(tmp_path: Path, step_sleep: float, **train) -> tuple[subprocess.Popen, Path, Path]:
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(train={"checkpoint_interval": 1000, **train}))
+    config = write_config(tmp_path / "tiny.yaml", tiny_run_config(train={"checkpoint_interval": 1000, **train}))
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     work = tmp_path / "run"
@@ -100,7 +101,7 @@ def test_second_sigint_exits_at_once_without_saving(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_and_terms_keeping_the_last_good_checkpoint(tmp_path, capsys):
     """lr 1e4 makes the weights explode: the loss is finite for 2 steps, NaN at step 3."""
-    config = write_config(tmp_path / "tiny.yaml", tiny_config(train={"lr": 1e4}))
+    config = write_config(tmp_path / "tiny.yaml", tiny_run_config(train={"lr": 1e4}))
     code, _, err = run_cli(["train", config, "--work-dir", tmp_path / "run", "--no-progress"], capsys)
     assert code == 2
     lines = err.strip().splitlines()
@@ -119,7 +120,8 @@ def test_nonfinite_loss_stops_with_step_and_terms_keeping_the_last_good_checkpoi
 
 def test_nonfinite_skip_option_skips_the_steps(tmp_path, capsys):
     config = write_config(tmp_path / "tiny.yaml",
-                          tiny_config(train={"lr": 1e4, "nonfinite": "skip", "max_iters": 6, "keep_checkpoints": 6}))
+                          tiny_run_config(train={"lr": 1e4, "nonfinite": "skip", "max_iters": 6,
+                                                 "keep_checkpoints": 6}))
     code, out, err = run_cli(["train", config, "--work-dir", tmp_path / "run", "--no-progress"], capsys)
     assert code == 0, err
     skipped = [int(s) for s in re.findall(r"step (\d+): non-finite loss \(.*\), step skipped", out)]

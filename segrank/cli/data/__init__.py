@@ -1,0 +1,1 @@
+"""Commands about datasets and configs: datasets, config."""
