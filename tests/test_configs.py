@@ -21,6 +21,7 @@ from segrank import files
 from segrank.config import VIT_PRESETS, Config, ConfigError, ViTPreset, load_config, to_dict
 from segrank.config.docs import render_config_docs
 from segrank.config.fields import Bound, bound_of, doc_of
+from segrank.training.optim import build_optimizer
 from tests.reliability.common import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,7 @@ def test_config_builds_and_runs(path: Path) -> None:
 
     torch.manual_seed(0)
     model = segrank.build_model(cfg.model)
+    build_optimizer(model, cfg.train)  # refuses a decay_mult / lr_mult key that names no parameter of the model
     images = torch.randn(1, 3, 64, 64)
     ignore_index = 255 if n < 255 else -1  # as the datasets: 255 for 8-bit labels, -1 for 16-bit ones
     labels = torch.randint(0, n, (1, 64, 64))

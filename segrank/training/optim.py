@@ -9,13 +9,15 @@ reference configs use ``decay_mult`` only, so with the defaults every parameter 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.config import TrainConfig
+from segrank.errors import ConfigError
 from segrank.models.segmentor import Segmentor
 
 
@@ -34,6 +36,20 @@ def decay_multiplier(reference_name: str, decay_mult: dict[str, float]) -> float
     return 1.0 if mult is None else mult
 
 
+def check_rules_match(rules: dict[str, dict[str, float]], reference_names: Iterable[str]) -> None:
+    """Refuse a rule key that is a substring of no parameter's reference name (mmcv ignores it, so a typo would train
+    with the default multiplier); the message names the rule, the key and the nearest parameter-name prefixes."""
+    names = list(reference_names)
+    # Prefixes that end at a dot, the way rule keys are written ("decode_head.blocks.0.", "backbone.layers.11").
+    prefixes = sorted({name[:i + 1] for name in names for i, ch in enumerate(name) if ch == "."} | set(names))
+    for rule, keys in rules.items():
+        for key in keys:
+            if not any(key in name for name in names):
+                nearest = difflib.get_close_matches(key, prefixes, n=3, cutoff=0.5)
+                hint = f"; nearest names: {', '.join(nearest)}" if nearest else ""
+                raise ConfigError(f"train.{rule}: key {key!r} matches no parameter of this model{hint}")
+
+
 def param_groups(
     model: Segmentor, weight_decay: float, decay_mult: dict[str, float], reference_name: Callable[[str], str], *,
     lr_mult: dict[str, float] | None = None, norm_decay_mult: float | None = None,
@@ -46,8 +62,10 @@ def param_groups(
     must not match them). Each group carries ``lr_mult``, which ``set_lr`` applies. ``lr_mult`` and
     ``decay_mult`` are matched independently, so a learning-rate rule never changes a parameter's decay. The model
     names its normalisation-layer parameters and its other biases (``norm_parameter_names``,
-    ``bias_parameter_names``).
+    ``bias_parameter_names``). A key that matches no parameter is refused (``check_rules_match``).
     """
+    check_rules_match({"decay_mult": decay_mult, "lr_mult": lr_mult or {}},
+                      (reference_name(name) for name, _ in model.named_parameters()))
     norms, biases = model.norm_parameter_names(), model.bias_parameter_names()
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -1,5 +1,5 @@
 """Bad-input cases of training runs: the experiment trackers of ``train.loggers`` (an unknown name, a missing
-package) and the work-dir lock file."""
+package), optimiser rules that name no parameter, and the work-dir lock file."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def tracker_package_missing(tmp):
     """Refused before the work dir is created, naming the extra that installs the package."""
     return train_args(tmp, tiny_run_config(train={"loggers": ["tensorboard", "wandb"]})), \
         "train.loggers: 'wandb' needs the wandb package: pip install 'segrank[wandb]'"
+
+
+@case
+def lr_mult_key_names_no_parameter(tmp):
+    """A typo in a parameter-name rule is refused before the work dir exists, with the names it probably meant."""
+    return train_args(tmp, tiny_run_config(train={"lr_mult": {"decode_head.mlfc": 3.0}})), \
+        "train.lr_mult: key 'decode_head.mlfc' matches no parameter of this model; nearest names: decode_head.ml_fc."
 
 
 @case

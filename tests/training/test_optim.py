@@ -7,7 +7,7 @@ import torch
 
 from segrank import build_model
 from segrank.checkpoints.mmseg import to_mmseg_name
-from segrank.config import TrainConfig
+from segrank.config import ConfigError, TrainConfig
 from segrank.training.optim import build_optimizer, key_multiplier, param_groups, set_lr
 from tests.training.test_train import tiny_config
 
@@ -67,3 +67,18 @@ def test_adamw_option():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert {g["betas"] for g in optimizer.param_groups} == {(0.8, 0.99)}
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+
+
+@pytest.mark.parametrize(("rules", "message"), [
+    ({"lr_mult": {"decode_head.ml_fcc": 2.0}},
+     "train.lr_mult: key 'decode_head.ml_fcc' matches no parameter of this model; nearest names: decode_head.ml_fc."),
+    ({"decay_mult": {"backbone.layer.": 0.0}},
+     "train.decay_mult: key 'backbone.layer.' matches no parameter of this model; nearest names: backbone.layers., "),
+    ({"decay_mult": {"zzz": 0.0}}, "train.decay_mult: key 'zzz' matches no parameter of this model"),
+])
+def test_a_rule_key_that_names_no_parameter_is_refused_with_the_nearest_names(rules, message):
+    """mmcv silently ignores such a key, so a typo would train with the default multiplier."""
+    model = build_model(tiny_config().model)
+    with pytest.raises(ConfigError) as err:
+        build_optimizer(model, TrainConfig(**rules))
+    assert str(err.value).startswith(message)
