@@ -93,7 +93,8 @@ def _forward_case(device: torch.device, backbone: str, side: int, num_classes: i
             achieved = flops / e2e_times[h] / 1e9
             records.append({
                 "benchmark": "forward", "backbone": backbone, "size": side, "classes": num_classes,
-                "model": h, "precision": choice.name, "compile": compile, "first_call_s": first[h],
+                "model": h, "precision": choice.name, "precision_reason": choice.reason, "compile": compile,
+                "first_call_s": first[h],
                 "head_and_map_s": head_times[h], "end_to_end_s": e2e_times[h],
                 "gflops": flops / 1e9, "achieved_gflops_per_s": achieved,
                 "matmul_gflops_per_s": rates[choice.name], "fraction_of_matmul": achieved / rates[choice.name],

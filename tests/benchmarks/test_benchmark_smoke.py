@@ -21,6 +21,11 @@ CASES = {
     "forward --amp bf16": ([*FORWARD, "--amp", "bf16"], FORWARD_KEYS, 4),  # the deprecated alias of --precision
     "train-step": (["--size", "32", "--classes", "9", "--batch", "1,2", "--reps", "1"],
                    {"model", "batch", "step_s", "peak_mb", "before_steps_mb", "memory_kind"}, 4),
+    # auto is bf16 or fp32 here, so two distinct precisions per model either way; with --json no announcement line
+    "train-step --precision": (["--size", "32", "--classes", "9", "--batch", "2", "--reps", "1", "--precision",
+                                "fp32", "bf16", "auto"],
+                               {"model", "precision", "precision_reason", "step_s", "step_vs_fp32",
+                                "matmul_fp32_gflops_per_s", "matmul_bf16_gflops_per_s"}, 4),
     "eval-memory": (["--classes", "12", "--image-size", "32,48", "--reps", "1"],
                     {"path", "classes", "time_s", "peak_mb", "before_eval_mb", "vs_dense_time", "identical_predictions",
                      "union_of_selected_classes"}, 2),
@@ -50,6 +55,12 @@ def test_benchmark_prints_json_records(name):
             assert record["matmul_gflops_per_s"] == rate
             assert record["fraction_of_matmul"] == pytest.approx(record["achieved_gflops_per_s"] / rate)
             assert record[f"fraction_of_{record['precision']}_matmul"] == record["fraction_of_matmul"]
+    if "--precision" in args:  # each precision's step time against fp32's of the same model, in the same run
+        fp32 = {r["model"]: r["step_s"] for r in records if r["precision"] == "fp32"}
+        assert sorted((r["model"], r["precision"]) for r in records) == [
+            (m, p) for m in ("rankseg", "segmenter") for p in ("bf16", "fp32")]
+        for record in records:
+            assert record["step_vs_fp32"] == pytest.approx(record["step_s"] / fp32[record["model"]])
     if name == "eval-memory":
         assert all(r["identical_predictions"] for r in records)
 

@@ -51,6 +51,18 @@ from segrank.runtime.devices import resolve_device
 from segrank.runtime.precision import choose_precision
 
 
+def backbone(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--backbone", default=default, choices=BACKBONES)
+
+
+def models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["segmenter", "rankseg"], choices=["segmenter", "rankseg"])
+
+
+def reps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (median reported)")
+
+
 def add_parser(sub: SubParsers) -> None:
     benches = command_group(sub, "benchmark", "speed and memory benchmarks (JSON records)", "BENCHMARK")
 
@@ -63,15 +75,6 @@ def add_parser(sub: SubParsers) -> None:
             p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         p.set_defaults(func=func, device="cpu")
         return p
-
-    def backbone(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--backbone", default=default, choices=BACKBONES)
-
-    def models(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", nargs="+", default=["segmenter", "rankseg"], choices=["segmenter", "rankseg"])
-
-    def reps(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (median reported)")
 
     p = bench("forward", "latency of the decode head + class map and end to end, with FLOPs", run_forward)
     backbone(p, "vit_b16")
@@ -98,11 +101,14 @@ def add_parser(sub: SubParsers) -> None:
                         f"{', '.join(RUNTIMES)}")
     reps(p)
 
-    p = bench("train-step", "time and peak memory of one SGD step per batch size", run_train_step)
+    p = bench("train-step", "time and peak memory of one SGD step per batch size and precision", run_train_step)
     backbone(p, "vit_t16")
     p.add_argument("--size", type=positive_int, default=512, help="square crop side")
     p.add_argument("--classes", type=positive_int, default=150, help="number of classes N")
     p.add_argument("--batch", type=positive_ints(), default=[1, 2, 8], help="comma-separated batch sizes")
+    p.add_argument("--precision", nargs="+", choices=PRECISION_CHOICES, default=["fp32"], metavar="PRECISION",
+                   help=f"one or more of {', '.join(PRECISION_CHOICES)}, timed interleaved (fp32 master weights, "
+                        "autocast forward and loss, as training does); step_vs_fp32 when fp32 is among them")
     models(p)
     reps(p)
 
@@ -148,7 +154,8 @@ def run_forward(args: argparse.Namespace) -> int:
         precision = "fp32" if args.amp == "none" else args.amp
         print(f"segrank benchmark forward: --amp is deprecated, use --precision {precision}", file=sys.stderr)
     choice = choose_precision(precision, device)
-    announce_precision("benchmark forward", precision, choice)
+    if not args.json:  # with --json every line is a record; each names its precision
+        announce_precision("benchmark forward", precision, choice)
     return print_records(args, device, bench_forward(device, args.backbone, args.size, args.classes, args.models,
                                                      args.reps, choice, compile=args.compile))
 
@@ -162,8 +169,12 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 def run_train_step(args: argparse.Namespace) -> int:
     device = benchmark_device(args)
+    choices = list({c.name: c for c in (choose_precision(p, device) for p in args.precision)}.values())
+    if not args.json:
+        for asked in args.precision:
+            announce_precision("benchmark train-step", asked, choose_precision(asked, device))
     return print_records(args, device, bench_train_step(device, args.backbone, args.size, args.classes, args.batch,
-                                                        args.models, args.reps))
+                                                        args.models, args.reps, choices))
 
 
 def run_eval_memory(args: argparse.Namespace) -> int:
