@@ -99,11 +99,16 @@ def add_precision_options(p: argparse.ArgumentParser) -> None:
                         "where the compiled kernels beat eager ones (needs a C++ compiler on CPU)")
 
 
+def precision_notes(command: str, asked: str, choice: PrecisionChoice) -> list[str]:
+    """The one line saying what ``--precision auto`` chose and why (none for a precision asked for)."""
+    return [f"segrank {command}: --precision auto: {choice.reason}"] if asked == "auto" else []
+
+
 def announce_precision(command: str, asked: str, choice: PrecisionChoice) -> None:
-    """The one line saying what ``--precision auto`` chose and why (nothing for a precision asked for). On stdout,
-    with the command's other reports: stderr holds only errors (bad input is exactly one line there)."""
-    if asked == "auto":
-        print(f"segrank {command}: --precision auto: {choice.reason}", flush=True)
+    """``precision_notes`` printed on stdout, with the command's other reports: stderr holds only errors (bad input
+    is exactly one line there)."""
+    for note in precision_notes(command, asked, choice):
+        print(note, flush=True)
 
 
 def add_test_settings_options(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -245,13 +245,15 @@ def data_url(image: Image.Image, format: str) -> str:  # noqa: A002 - Pillow's n
     return f"data:image/{format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def serve(predictor: Predictor, host: str, port: int, max_upload_mb: float, title: str) -> None:
-    """Serve until interrupted (Ctrl+C), then let the predictions in flight finish (a second Ctrl+C: at once)."""
+def serve(predictor: Predictor, host: str, port: int, max_upload_mb: float, title: str,
+          notes: Sequence[str] = ()) -> None:
+    """Serve until interrupted (Ctrl+C), then let the predictions in flight finish (a second Ctrl+C: at once).
+    Prints the address on the first line, then ``notes``."""
     try:
         server = PredictionServer((host, port), predictor, int(max_upload_mb * 2**20), title)
     except OSError as err:
         raise SegrankError(f"{host}:{port}: cannot listen ({err.strerror})") from None
-    print(f"segrank serve: {title} on {server.url} (Ctrl+C to stop)", flush=True)
+    print(f"segrank serve: {title} on {server.url} (Ctrl+C to stop)", *notes, sep="\n", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -116,8 +116,8 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(tmp_path):
     checkpoint = segrank.save_model(tiny(), tmp_path / "m.safetensors")
     process = segrank_process(["serve", checkpoint, "--port", "0"])
     try:
-        line = process.stdout.readline()
-        assert line.startswith("segrank serve: m.safetensors on http://127.0.0.1:"), line + process.stderr.read()
+        line = process.stdout.readline()  # the address first, whatever notes follow it
+        assert line.startswith("segrank serve: m.safetensors on http://127.0.0.1:"), line
         url = line.split(" on ")[1].split()[0]
         with urllib.request.urlopen(url, timeout=60) as response:
             assert response.status == 200 and b"m.safetensors" in response.read()

@@ -37,12 +37,13 @@ def add_parser(sub: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
-def announce_defaults(command: str, predictor: Predictor) -> None:
-    """One line per test setting the checkpoint does not carry (predict and serve)."""
-    for note in predictor.settings.notes:
-        print(f"segrank {command}: no setting stored with the checkpoint, using {note}")
-    if predictor.settings.notes:
-        print(f"segrank {command}: --config, --mean/--std, --img-scale and --whole/--slide override them")
+def default_notes(command: str, predictor: Predictor) -> list[str]:
+    """One line per test setting the checkpoint does not carry (predict and serve), and how to override them."""
+    notes = [f"segrank {command}: no setting stored with the checkpoint, using {note}"
+             for note in predictor.settings.notes]
+    if notes:
+        notes.append(f"segrank {command}: --config, --mean/--std, --img-scale and --whole/--slide override them")
+    return notes
 
 
 def attention_options(args: argparse.Namespace) -> AttentionOptions | None:
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                           img_scale=args.img_scale, mode=args.mode, precision=args.precision,
                           compile=args.compile, warn=False, attention=attention_options(args))
     announce_precision("predict", args.precision, predictor.precision)
-    announce_defaults("predict", predictor)
+    for note in default_notes("predict", predictor):
+        print(note)
     check_outputs(args, predictor, paths)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segrank.cli.flags import SubParsers, add_test_settings_options, announce_precision, port_number, positive_float
-from segrank.cli.use.predict import announce_defaults
+from segrank.cli.flags import SubParsers, add_test_settings_options, port_number, positive_float, precision_notes
+from segrank.cli.use.predict import default_notes
 from segrank.deploy.serve import serve
 from segrank.inference.predictor import Predictor
 
@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor(args.checkpoint, device=args.device or "auto", ms_flip=args.ms_flip, config=args.config,
                           mean=args.mean, std=args.std, img_scale=args.img_scale, mode=args.mode,
                           precision=args.precision, compile=args.compile, warn=False)
-    announce_precision("serve", args.precision, predictor.precision)
-    announce_defaults("serve", predictor)
-    serve(predictor, args.host, args.port, args.max_upload_mb, title=Path(args.checkpoint).resolve().name)
+    # After the address line, which comes first so that scripts can read it from the first line.
+    notes = precision_notes("serve", args.precision, predictor.precision) + default_notes("serve", predictor)
+    serve(predictor, args.host, args.port, args.max_upload_mb, title=Path(args.checkpoint).resolve().name,
+          notes=notes)
     return 0
