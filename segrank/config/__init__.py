@@ -271,7 +271,7 @@ class TrainConfig(Section):
     # DefaultOptimizerConstructor.
     decay_mult: dict[str, float] = setting(
         doc="weight-decay multiplier per parameter-name substring (longest matching key wins; a key that matches "
-            "no parameter is refused)", bound=NON_NEGATIVE,
+            "no parameter is refused, except these default keys)", bound=NON_NEGATIVE,
         factory=lambda: {"pos_embed": 0.0, "cls_token": 0.0, "norm": 0.0})
     lr_mult: dict[str, float] = setting(
         doc="learning-rate multiplier per parameter-name substring, matched like decay_mult (mmcv custom_keys "

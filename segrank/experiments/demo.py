@@ -29,6 +29,7 @@ from segrank.experiments.recipe import (
     HEADS,
     IMAGE_SIZE,
     TOPK,
+    Setup,
     head_config,
     pretrain_backbone,
     run_stage,
@@ -49,9 +50,10 @@ GRID_IMAGES = 6
 
 
 def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int | None = None,
-             device: str = "cpu", force: bool = False) -> Path:
+             device: str = "cpu", force: bool = False, precision: str = "auto") -> Path:
     """Pretrain the shared backbone, fine-tune the three heads, evaluate them, write ``out/report.md``; returns its
-    path. ``iters`` (tests) replaces both stages' iteration counts."""
+    path. ``iters`` (tests) replaces both stages' iteration counts; ``precision`` is every stage's
+    ``train.precision``."""
     pretrain_iters, iters = (iters, iters) if iters else (PRETRAIN_ITERS, ITERS)
     val_images = val_images or VAL_IMAGES
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -63,13 +65,14 @@ def run_demo(out: Path, seed: int = 0, iters: int | None = None, val_images: int
     start = clock = time.perf_counter()
     print(f"segrank demo: pretraining the shared backbone on a disjoint vocabulary ({pretrain_iters} iterations of "
           f"{BATCH} images)", flush=True)
-    backbone = pretrain_backbone(NUM_CLASSES, seed, pretrain_iters, out / "backbone", device)
+    backbone = pretrain_backbone(NUM_CLASSES, seed, pretrain_iters, out / "backbone", device, precision=precision)
     budget = {"pretrain_iters": pretrain_iters, "iters": iters, "val_images": val_images, "seed": seed,
               "pretrain_seconds": time.perf_counter() - clock,
-              "precision": choose_precision("auto", torch.device(device)).reason}
+              "precision": choose_precision(precision, torch.device(device)).reason}
     runs: dict[str, dict[str, Any]] = {}
     for head, name in HEADS.items():
-        cfg = head_config(head, NUM_CLASSES, seed, iters, val_images, str(backbone), EVALS)
+        cfg = head_config(head, NUM_CLASSES, seed, iters, val_images, str(backbone), EVALS,
+                          Setup(precision=precision))
         print(f"segrank demo: fine-tuning {name} ({iters} iterations of {BATCH} images)", flush=True)
         clock = time.perf_counter()
         result = run_stage(cfg, out / head, device)

@@ -75,10 +75,11 @@ class LearnPlan:
     image_prior_prob: float | None = None
     image_loss_weight: float | None = None
     data_options: dict[str, int] = field(default_factory=dict)
+    precision: str = "auto"
 
     def setup(self, num_classes: int, settings: dict[str, dict[str, float]] = HEAD_SETTINGS) -> Setup:
         return Setup(regime_for(self.regime, num_classes, self.topk), settings, self.image_prior_prob,
-                     self.image_loss_weight, self.data_options)
+                     self.image_loss_weight, self.data_options, self.precision)
 
 
 def log(message: str) -> None:
@@ -91,7 +92,8 @@ def backbone_for(plan: LearnPlan, num_classes: int, seed: int, root: Path) -> st
     if (path / "backbone.safetensors").is_file():
         return str(path / "backbone.safetensors")
     log(f"N={num_classes} seed={seed}: stage 1 ({plan.pretrain_iters} iterations, disjoint vocabulary)")
-    return str(pretrain_backbone(num_classes, seed, plan.pretrain_iters, path, plan.device, progress=False))
+    return str(pretrain_backbone(num_classes, seed, plan.pretrain_iters, path, plan.device, progress=False,
+                                 precision=plan.precision))
 
 
 def run_case(plan: LearnPlan, num_classes: int, seed: int, root: Path, settings: dict[str, dict[str, float]]

@@ -131,13 +131,13 @@ def _base(num_classes: int, head: dict[str, Any], options: dict[str, Any], train
     })
 
 
-def pretrain_config(num_classes: int, seed: int, iters: int) -> Config:
+def pretrain_config(num_classes: int, seed: int, iters: int, precision: str = "auto") -> Config:
     """Stage 1: a linear head on ``PRETRAIN_CLASSES`` classes none of which is among the ``num_classes`` targets,
     SGD as in the first demo (its recipe does not matter to the comparison: every head starts from its result)."""
     options = {"num_classes": PRETRAIN_CLASSES, "class_offset": num_classes, "val_images": 10,
                "seed": seed + PRETRAIN_SEED_OFFSET}
     train_cfg = {"lr": 0.02, "min_lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0, "warmup_iters": max(1, iters // 20),
-                 "seed": seed, "eval_interval": -1, "precision": "auto"}
+                 "seed": seed, "eval_interval": -1, "precision": precision}
     return _base(PRETRAIN_CLASSES, {"type": "linear"}, options, train_cfg, iters)
 
 
@@ -171,7 +171,7 @@ def run_stage(cfg: Config, work_dir: Path, device: str, progress: bool = True) -
 
 
 def pretrain_backbone(num_classes: int, seed: int, iters: int, work_dir: Path, device: str,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, precision: str = "auto") -> Path:
     """Run stage 1 in ``work_dir``; returns the exported backbone (timm names, loadable as ``train.pretrained``)."""
-    result = run_stage(pretrain_config(num_classes, seed, iters), work_dir, device, progress)
+    result = run_stage(pretrain_config(num_classes, seed, iters, precision), work_dir, device, progress)
     return export_checkpoint(load_model(result.checkpoint), work_dir / "backbone.safetensors", "timm")

@@ -36,15 +36,20 @@ def decay_multiplier(reference_name: str, decay_mult: dict[str, float]) -> float
     return 1.0 if mult is None else mult
 
 
+# The default decay_mult keys name kinds of parameters (position table, class token, norms) that a model may lack.
+GENERIC_KEYS = frozenset(TrainConfig().decay_mult)
+
+
 def check_rules_match(rules: dict[str, dict[str, float]], reference_names: Iterable[str]) -> None:
     """Refuse a rule key that is a substring of no parameter's reference name (mmcv ignores it, so a typo would train
-    with the default multiplier); the message names the rule, the key and the nearest parameter-name prefixes."""
+    with the default multiplier), except the default decay_mult keys (``GENERIC_KEYS``); the message names the rule,
+    the key and the nearest parameter-name prefixes."""
     names = list(reference_names)
     # Prefixes that end at a dot, the way rule keys are written ("decode_head.blocks.0.", "backbone.layers.11").
     prefixes = sorted({name[:i + 1] for name in names for i, ch in enumerate(name) if ch == "."} | set(names))
     for rule, keys in rules.items():
         for key in keys:
-            if not any(key in name for name in names):
+            if key not in GENERIC_KEYS and not any(key in name for name in names):
                 nearest = difflib.get_close_matches(key, prefixes, n=3, cutoff=0.5)
                 hint = f"; nearest names: {', '.join(nearest)}" if nearest else ""
                 raise ConfigError(f"train.{rule}: key {key!r} matches no parameter of this model{hint}")

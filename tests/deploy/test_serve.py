@@ -331,7 +331,7 @@ def test_ctrl_c_with_a_prediction_in_flight_answers_it_and_exits_cleanly(tmp_pat
     answer: dict = {}
     try:
         line = process.stdout.readline()
-        assert " on http://127.0.0.1:" in line, line + process.stderr.read()
+        assert " on http://127.0.0.1:" in line, line  # the address first, whatever notes follow it
         host, port = line.split(" on http://")[1].split("/")[0].split(":")
         body = png(voc_photo()[0][:200, :200])
 

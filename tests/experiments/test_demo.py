@@ -8,6 +8,7 @@ import re
 import yaml
 
 from segrank.cli import main
+from segrank.runtime.precision import fastest_precision
 
 
 def test_demo_writes_report(tmp_path, capsys):
@@ -39,6 +40,10 @@ def test_demo_writes_report(tmp_path, capsys):
         assert re.search(rf"(^|; ){re.escape(name)}: lr [\d.e-]+, decode head x[\d.]+", own.group(1)), name
     assert "not yet selected" in own.group(2) or "selected by" in own.group(2)
     assert (out / "segmenter" / "log.jsonl").is_file() and (out / "rankseg" / "config.yaml").is_file()
+    # --precision auto (the default) reached every stage, and the report says what it chose.
+    for stage in ("backbone", "segmenter", "rankseg", "rankseg_gt"):
+        assert yaml.safe_load((out / stage / "config.yaml").read_text())["train"]["precision"] == "auto", stage
+    assert f"precision {fastest_precision('cpu').reason}" in text
     # Stage 1 never saw the demo's classes: its vocabulary is disjoint.
     stage1 = yaml.safe_load((out / "backbone" / "config.yaml").read_text())["data"]["options"]
     target = yaml.safe_load((out / "rankseg" / "config.yaml").read_text())["data"]["options"]

@@ -23,7 +23,7 @@ from segrank.reporting import plots as report
 
 def test_learn_records_every_head(tmp_path):
     plan = LearnPlan([40], [0, 1], iters=3, pretrain_iters=2, val_images=3, threads=1, image_prior_prob=0.01,
-                     image_loss_weight=2.0, data_options={"max_classes": 4, "train_images": 100})
+                     image_loss_weight=2.0, data_options={"max_classes": 4, "train_images": 100}, precision="fp32")
     result = run_learn(plan, work_dir=tmp_path / "runs")
     json.dumps(result)  # plain JSON types only
     assert [c["seed"] for c in result["cases"]] == [0, 1]
@@ -54,7 +54,8 @@ def test_learn_records_every_head(tmp_path):
     cfg = yaml.safe_load((tmp_path / "runs" / "n40_seed0" / "rankseg" / "config.yaml").read_text())
     assert cfg["model"]["head"]["image_prior_prob"] == 0.01 and cfg["model"]["loss"]["image_loss_weight"] == 2.0
     assert cfg["data"]["options"]["max_classes"] == 4 and cfg["data"]["options"]["train_images"] == 100
-    assert cfg["train"]["precision"] == "auto"
+    stage1 = yaml.safe_load((tmp_path / "runs" / "n40_seed0" / "backbone" / "config.yaml").read_text())
+    assert cfg["train"]["precision"] == "fp32" and stage1["train"]["precision"] == "fp32"
     # Stage 1 trained on classes 40.. (disjoint from the 40 targets).
     assert (tmp_path / "runs" / "n40_seed0" / "backbone" / "backbone.safetensors").is_file()
     for x in ("step", "train_seconds"):
@@ -87,6 +88,11 @@ def test_probe_mode(capsys):
     assert probe["train_images"] == 70 and probe["val_images"] == 4 and 0 <= probe["image_recall"] <= 1
     assert probe["chance"] == 30 / 40 and len(probe["curve"]) >= 2
     assert lines[1]["summary"]["40"]["probe_image_recall"]["mean"] == probe["image_recall"]
+
+
+def test_precision_flag_reaches_the_plan():
+    assert learn_plan(build_parser().parse_args(["benchmark", "learn", "--precision", "bf16"])).precision == "bf16"
+    assert learn_plan(build_parser().parse_args(["benchmark", "learn"])).precision == "auto"
 
 
 def test_regimes():

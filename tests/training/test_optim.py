@@ -9,6 +9,7 @@ from segrank import build_model
 from segrank.checkpoints.mmseg import to_mmseg_name
 from segrank.config import ConfigError, TrainConfig
 from segrank.training.optim import build_optimizer, key_multiplier, param_groups, set_lr
+from tests.conftest import tiny_model
 from tests.training.test_train import tiny_config
 
 
@@ -82,3 +83,12 @@ def test_a_rule_key_that_names_no_parameter_is_refused_with_the_nearest_names(ru
     with pytest.raises(ConfigError) as err:
         build_optimizer(model, TrainConfig(**rules))
     assert str(err.value).startswith(message)
+
+
+def test_the_default_decay_keys_may_match_nothing():
+    """pos_embed / cls_token / norm name kinds of parameters: a linear head has no norm, and that is no typo."""
+    model = tiny_model(5, {"type": "linear"})
+    assert not any("norm" in to_mmseg_name(name) for name, _ in model.named_parameters())
+    build_optimizer(model, TrainConfig())
+    with pytest.raises(ConfigError, match="key 'norms' matches no parameter"):
+        build_optimizer(model, TrainConfig(decay_mult={"norms": 0.0}))

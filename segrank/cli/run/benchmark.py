@@ -221,6 +221,8 @@ def add_learn_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-lrs", type=positive_floats, default=TUNE_GRID["lr"], help="comma-separated base lrs")
     p.add_argument("--tune-decoder-mults", type=positive_floats, default=TUNE_GRID["decoder_lr_mult"],
                    help="comma-separated decode-head lr multipliers")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="train.precision of every run (default: auto, bf16 where this device computes it faster)")
     p.add_argument("--probe", action="store_true",
                    help="instead of the heads: a linear multi-label probe on the frozen stage-1 features")
     p.add_argument("--image-prior-prob", type=number(float, 0, above=True, maximum=0.999), default=None,
@@ -247,7 +249,7 @@ def learn_plan(args: argparse.Namespace) -> LearnPlan:
                      topk=args.topk, tune=args.tune, tune_iters=args.tune_iters,
                      tune_grid={"lr": args.tune_lrs, "decoder_lr_mult": args.tune_decoder_mults}, probe=args.probe,
                      image_prior_prob=args.image_prior_prob, image_loss_weight=args.image_loss_weight,
-                     data_options=data_options)
+                     data_options=data_options, precision=args.precision)
     for n in plan.classes:
         k = regime_for(plan.regime, n, plan.topk).topk  # refuses --regime reference for other N
         if n < k:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from segrank.cli.flags import SubParsers, add_device_option, non_negative_int, positive_int
 from segrank.experiments.demo import run_demo
+from segrank.inference.precision import PRECISION_CHOICES
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -18,6 +19,8 @@ def add_parser(sub: SubParsers) -> None:
                    help="seed of data, initialisation and order (default: 0)")
     add_device_option(p, default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="train.precision of every stage (default: auto, bf16 where this device computes it faster)")
     # Reduced budgets for tests.
     p.add_argument("--iters", type=positive_int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--val-images", type=positive_int, default=None, help=argparse.SUPPRESS)
@@ -26,6 +29,6 @@ def add_parser(sub: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = run_demo(Path(args.out), seed=args.seed, iters=args.iters, val_images=args.val_images,
-                      device=args.device, force=args.force)
+                      device=args.device, force=args.force, precision=args.precision)
     print(f"segrank demo: report written to {report}")
     return 0
