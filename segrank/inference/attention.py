@@ -313,7 +313,8 @@ def spread_pooled(weights: Tensor, grid: tuple[int, int]) -> Tensor:
 def attention_maps(model: Segmentor, image: Tensor, label: np.ndarray, cfg: EvalConfig,
                    plan: AttentionPlan) -> AttentionMaps:
     """The maps of ``plan`` for the preprocessed ``image`` (3, h, w) whose prediction is ``label`` (H, W), windows as
-    ``cfg`` says, in the model's own precision (no autocast)."""
+    ``cfg`` says, in the model's parameters' precision or under the caller's autocast (a model whose matrix layers
+    ``prepare_for_precision`` converted needs it)."""
     class_ids = classes_to_show(plan, label)
     dtype = next(model.parameters()).dtype
     image = image[None].to(dtype)

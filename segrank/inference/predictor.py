@@ -87,7 +87,7 @@ class Predictor:
         self.settings: PredictSettings = resolve_settings(
             model, checkpoint if checkpoint is not None and checkpoint.is_file() else None, overrides=overrides)
         self.ms_flip, self.probabilities = ms_flip, probabilities
-        self.attention = plan_attention(attention, model, self.settings.class_names)
+        self.attention = plan_attention(attention, self.model, self.settings.class_names)  # its layers are recorded
         if warn and self.settings.notes:
             warnings.warn("segrank.Predictor: stored nowhere with the model, so defaults are used: "
                           + "; ".join(self.settings.notes) + " (override with config=, mean=, std=, img_scale=, mode=)",
@@ -147,8 +147,9 @@ class Predictor:
         image = self.preprocess(rgb)
         prediction = self.postprocess(self.forward(image, (rgb.shape[0], rgb.shape[1])), rgb, source)
         if self.attention is not None:
-            prediction.attention = attention_maps(self.model, image, prediction.label, self.settings.eval,
-                                                  self.attention)
+            with precision_autocast(self.precision, self.device):  # the matrix layers may hold bf16/fp16 weights
+                prediction.attention = attention_maps(self.model, image, prediction.label, self.settings.eval,
+                                                      self.attention)
         return prediction
 
     def preprocess(self, rgb: np.ndarray) -> Tensor:

@@ -60,7 +60,8 @@ def full_weights(model: segrank.Segmentor, predictor: segrank.Predictor, photo: 
 
 def test_segmenter_maps_are_the_class_tokens_weights_on_the_patches(photo):
     model = tiny()
-    predictor = segrank.Predictor(model, attention=True, warn=False)
+    # fp32: the weights are compared with an fp32 forward of the model (auto is bf16 on CPUs with bf16 units)
+    predictor = segrank.Predictor(model, attention=True, warn=False, precision="fp32")
     prediction = predictor(photo)
     maps = prediction.attention
     assert maps.layers == ["decoder.1", "backbone.1"]  # default: last mask-transformer layer, last ViT block
@@ -95,13 +96,13 @@ def test_predictions_and_model_are_unchanged_by_attention(photo):
 
 def test_rankseg_kept_classes_and_multilabel_layer(photo):
     model = tiny("rankseg", downsample=None, topk=3)
-    predictor = segrank.Predictor(model, attention=AttentionOptions(classes=None), warn=False)
+    predictor = segrank.Predictor(model, attention=AttentionOptions(classes=None), warn=False, precision="fp32")
     full = full_weights(model, predictor, photo)
     kept = full["output"].class_index[0].tolist()
     absent = next(c for c in range(len(NAMES)) if c not in kept)
     shown = [kept[2], absent, kept[0]]
     options = AttentionOptions(classes=[NAMES[shown[0]], str(absent), shown[2]])
-    maps = segrank.Predictor(model, attention=options, warn=False)(photo).attention
+    maps = segrank.Predictor(model, attention=options, warn=False, precision="fp32")(photo).attention
     assert maps.layers == ["decoder.0", "multilabel", "backbone.1"]
     assert maps.classes.tolist() == shown
     n_patch = 48
@@ -125,6 +126,17 @@ def test_pooled_multilabel_weights_are_shared_among_their_patches():
     maps = segrank.Predictor(tiny("rankseg", downsample=2), attention=True, warn=False)(
         np.zeros((48, 64, 3), np.uint8)).attention
     assert maps.heads["multilabel"].shape[2:] == (6, 8)
+
+
+@pytest.mark.parametrize("head", ["segmenter", "rankseg"])
+def test_maps_in_bf16_are_the_fp32_maps_to_bf16_accuracy(photo, head):
+    """In bf16 the Predictor converts a copy of the model; its own layers are the ones recorded, under autocast."""
+    model = tiny(head)
+    fp32 = segrank.Predictor(model, attention=True, warn=False, precision="fp32")(photo).attention
+    bf16 = segrank.Predictor(model, attention=True, warn=False, precision="bf16")(photo).attention
+    assert bf16.layers == fp32.layers and bf16.classes.tolist() == fp32.classes.tolist()
+    for layer in fp32.layers:
+        np.testing.assert_allclose(bf16.heads[layer], fp32.heads[layer], atol=2e-2, rtol=0)
 
 
 def test_windows_are_averaged_by_the_pixels_they_share():

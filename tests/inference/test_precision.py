@@ -30,7 +30,9 @@ from tests.inference.test_predictor import tiny
 from tests.reliability.common import run_cli, voc_photo
 
 BF16 = PrecisionChoice("bf16", torch.bfloat16, "test")
-SIZE, NUM_CLASSES, VAL_IMAGES = 32, 20, 24
+# 200 scenes: on 24 the mIoU gap between fp32 and bf16 was noise of a few pixels (0.13 pt once); on 200 it measured
+# 0.01-0.06 pt with one and with two threads
+SIZE, NUM_CLASSES, VAL_IMAGES = 32, 20, 200
 MIN_LABEL_AGREEMENT = 0.995  # the gate: bf16 labels equal to fp32 on >= 99.5 % of the pixels
 MAX_MIOU_DIFFERENCE = 0.001  # and mIoU within 0.1 point
 
