@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +12,9 @@ from safetensors.torch import load_file
 from segrank import build_model
 from segrank.config import EvalConfig, ModelConfig, from_dict
 from segrank.inference.windows import augmentations, merge_windows, predict_image, run_windows, window_boxes
+from tests.parity.common import folder as fixture_folder
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("SEGRANK_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
 NUM_CLASSES, TOPK = 40, 5
-
-
-def fixture(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.is_dir():
-        pytest.fail(f"fixture folder {path} is absent (the golden files live in ../shared/fixtures; "
-                    "set SEGRANK_FIXTURES_DIR to read them elsewhere)")
-    return path
 
 
 def aug_logits(model: torch.nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
@@ -118,7 +107,7 @@ def test_window_boxes_cover_and_shift_back():
 def test_slide_fixture():
     from segrank.checkpoints import load_model
 
-    folder = fixture("slide_inference")
+    folder = fixture_folder("slide_inference")
     meta = json.loads((folder / "slide.json").read_text())
     tensors = load_file(str(folder / "slide.safetensors"))
     model = load_model(folder / "model.pth", format="mmseg")
@@ -147,7 +136,7 @@ def test_slide_fixture():
 def test_official_segmenter_inference_fixture():
     from segrank.checkpoints import load_model
 
-    folder = fixture("official_segmenter") / "mask_transformer"
+    folder = fixture_folder("official_segmenter") / "mask_transformer"
     call = json.loads((folder / "case.json").read_text())["inference_call"]
     tensors = load_file(str(folder / "io.safetensors"))
     model = load_model(folder, format="segmenter")
