@@ -169,10 +169,11 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 def run_train_step(args: argparse.Namespace) -> int:
     device = benchmark_device(args)
-    choices = list({c.name: c for c in (choose_precision(p, device) for p in args.precision)}.values())
+    asked = {p: choose_precision(p, device) for p in args.precision}
     if not args.json:
-        for asked in args.precision:
-            announce_precision("benchmark train-step", asked, choose_precision(asked, device))
+        for name, choice in asked.items():
+            announce_precision("benchmark train-step", name, choice)
+    choices = list({c.name: c for c in asked.values()}.values())  # auto may be one of the others
     return print_records(args, device, bench_train_step(device, args.backbone, args.size, args.classes, args.batch,
                                                         args.models, args.reps, choices))
 
