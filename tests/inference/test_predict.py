@@ -215,7 +215,7 @@ def test_collect_inputs_collapses_duplicates(tmp_path):
 def test_settings_from_mmseg_checkpoint_and_flags():
     from segrank.checkpoints import load_model
     from segrank.inference.settings import SettingsOverrides, resolve_settings
-    from tests.inference.test_windows import fixture
+    from tests.parity.common import folder as fixture
 
     path = fixture("full_model_mmseg") / "rankseg.pth"
     model = load_model(path, format="mmseg")
