@@ -22,11 +22,12 @@ import html
 import io
 import json
 import os
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -63,6 +64,8 @@ class PredictionServer(ThreadingHTTPServer):
         self.turns = threading.BoundedSemaphore(workers)  # uploads decoded and segmented at once
         self.workers, self.queue = workers, queue
         self.stopping = threading.Event()  # set on Ctrl+C: waiting uploads are answered 503, running ones finish
+        self.connections: dict[threading.Thread, socket.socket] = {}  # open connections, by their handler thread
+        self.connections_lock = threading.Lock()
         page = resources.files("segrank").joinpath("resources", "serve.html").read_text()
         self.page = (page.replace("__TITLE__", html.escape(title))
                      .replace("__MODEL__", html.escape(describe(predictor.model)))
@@ -86,13 +89,32 @@ class PredictionServer(ThreadingHTTPServer):
 
     def finish_in_flight(self, grace_s: float = STOP_GRACE_S) -> None:
         """After ``stopping`` is set: wait until no upload is being segmented (then hold every turn, so that none
-        starts), then up to ``grace_s`` for the answers in flight (and the 503s of the waiting) to be written."""
+        starts), then up to ``grace_s`` for the answers in flight (and the 503s of the waiting) to be written; then
+        close the connections still open (idle keep-alive ones) and wait, within the same ``grace_s``, for their
+        threads to end. No handler thread is then alive when the interpreter shuts down: one that wakes up during
+        the shutdown is ended by Python 3.11-3.13 with pthread_exit, which aborts the process ("terminate called
+        without an active exception") when it unwinds through PyTorch's C++ frames."""
         for _ in range(self.workers):
             self.turns.acquire()
         deadline = time.monotonic() + grace_s
         for _ in range(self.workers + self.queue):
             if not self.admitted.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                return
+                break
+        with self.connections_lock:
+            connections = dict(self.connections)
+        for connection in connections.values():
+            with suppress(OSError):  # already closed by its client
+                connection.shutdown(socket.SHUT_RDWR)  # a handler waiting for the next request reads the end
+        for thread in connections:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def opened(self, connection: socket.socket) -> None:
+        with self.connections_lock:
+            self.connections[threading.current_thread()] = connection
+
+    def closed(self) -> None:
+        with self.connections_lock:
+            self.connections.pop(threading.current_thread(), None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that closed its connection early costs one log line; anything else too, without a traceback
@@ -113,6 +135,16 @@ class PredictionHandler(BaseHTTPRequestHandler):
     server: PredictionServer
     protocol_version = "HTTP/1.1"
     timeout = 60  # seconds a silent connection is kept
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.closed()
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
         if self.path in ("/", "/index.html"):

@@ -321,6 +321,24 @@ def test_a_client_leaving_early_costs_one_log_line(photo, capsys):  # noqa: F811
     assert status == 200 and "Traceback" not in err, err
 
 
+def test_stopping_closes_idle_keep_alive_connections_and_ends_their_threads(photo):
+    """A client that keeps its HTTP/1.1 connection open after its answer must not leave a handler thread alive
+    (waiting for the next request) when a stopped server's process shuts down."""
+    server = PredictionServer(("127.0.0.1", 0), segrank.Predictor(tiny()), LIMIT, "idle", log=False)
+    with running(server):
+        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        connection.request("GET", "/")
+        assert connection.getresponse().read()  # answered; the connection stays open
+        handlers = list(server.connections)
+        assert len(handlers) == 1 and handlers[0].is_alive()
+        server.stopping.set()
+        start = time.monotonic()
+        server.finish_in_flight(grace_s=20)
+        assert time.monotonic() - start < 10  # the idle connection was closed, not waited out
+        assert not handlers[0].is_alive() and not server.connections
+        connection.close()
+
+
 def test_ctrl_c_with_a_prediction_in_flight_answers_it_and_exits_cleanly(tmp_path):
     """SIGINT while a slow request is in the model: the request is answered, then the server exits 0 with one line
     (no 'terminate called without an active exception', no SIGABRT)."""
