@@ -321,7 +321,7 @@ def test_a_client_leaving_early_costs_one_log_line(photo, capsys):  # noqa: F811
     assert status == 200 and "Traceback" not in err, err
 
 
-def test_stopping_closes_idle_keep_alive_connections_and_ends_their_threads(photo):
+def test_stopping_closes_idle_keep_alive_connections_and_ends_their_threads():
     """A client that keeps its HTTP/1.1 connection open after its answer must not leave a handler thread alive
     (waiting for the next request) when a stopped server's process shuts down."""
     server = PredictionServer(("127.0.0.1", 0), segrank.Predictor(tiny()), LIMIT, "idle", log=False)
