@@ -55,10 +55,12 @@ class LearnPlan:
     """What one ``segrank benchmark learn`` runs. ``regime``: auto, reference or small (``recipe.regime_for``);
     ``topk`` replaces the regime's k; ``tune``: search every head's settings first (``tune_grid``, ``tune_iters``);
     ``probe``: the frozen-feature linear probe instead of the heads; ``image_prior_prob``, ``image_loss_weight``,
-    ``data_options``: the options that probe what limits the image-level head."""
+    ``data_options``: the options that probe what limits the image-level head; ``heads``: the heads trained (the
+    equal wall-clock run needs segmenter and rankseg)."""
 
     classes: list[int]
     seeds: list[int]
+    heads: list[str] = field(default_factory=lambda: list(HEADS))
     iters: int = ITERS
     pretrain_iters: int = PRETRAIN_ITERS
     val_images: int = VAL_IMAGES
@@ -112,11 +114,13 @@ def run_case(plan: LearnPlan, num_classes: int, seed: int, root: Path, settings:
                                      setup.regime.topk, seed=seed)
         return case
     run_dir = root / f"n{num_classes}_seed{seed}"
-    for head in HEADS:
+    for head in plan.heads:
         log(f"N={num_classes} seed={seed}: {head} ({plan.iters} iterations)")
         cfg = head_config(head, num_classes, seed, plan.iters, plan.val_images, backbone, plan.evals, setup)
         case["heads"][head] = finetune(cfg, run_dir / head, plan.device, plan.threads)
     heads, timed = case["heads"], plan.equal_time
+    if not {"segmenter", "rankseg"} <= heads.keys():
+        return case
     other = "rankseg" if timed == "segmenter" else "segmenter"
     steps = max(1, round(plan.iters * heads[other]["s_per_iter"] / heads[timed]["s_per_iter"]))
     log(f"N={num_classes} seed={seed}: {timed} for {other}'s wall-clock time ({steps} iterations)")
@@ -147,21 +151,25 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize_heads(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread of every trained head's mIoU; RankSeg's recalls; the differences whose heads were trained."""
     per_head = {h: [c["heads"][h]["mIoU"] for c in mine] for h in mine[0]["heads"]}
     mean = {h: statistics.fmean(v) for h, v in per_head.items()}
-    # Equal wall-clock: whichever head was retrained for the other's time, against the other's run.
-    rank_time = mean.get("rankseg_equal_time", mean["rankseg"])
-    seg_time = mean.get("segmenter_equal_time", mean["segmenter"])
-    return {
-        "mIoU": mean, "mIoU_per_seed": per_head, "mIoU_spread": {h: spread(v) for h, v in per_head.items()},
-        "rankseg_image_recall": spread([c["heads"]["rankseg"]["image_recall"] for c in mine]),
-        "rankseg_pixel_recall": spread([c["heads"]["rankseg"]["pixel_recall"] for c in mine]),
-        "rankseg_minus_segmenter_equal_iterations": mean["rankseg"] - mean["segmenter"],
-        "rankseg_minus_segmenter_equal_wall_clock": rank_time - seg_time,
-        "oracle_minus_segmenter": mean["rankseg_gt"] - mean["segmenter"],
-        "rankseg_s_per_iter_vs_segmenter": statistics.fmean(
-            c["heads"]["rankseg"]["s_per_iter"] / c["heads"]["segmenter"]["s_per_iter"] for c in mine),
-    }
+    row: dict[str, Any] = {"mIoU": mean, "mIoU_per_seed": per_head,
+                           "mIoU_spread": {h: spread(v) for h, v in per_head.items()}}
+    if "rankseg" in mean:
+        row |= {f"rankseg_{kind}_recall": spread([c["heads"]["rankseg"][f"{kind}_recall"] for c in mine])
+                for kind in ("image", "pixel")}
+    if {"rankseg", "segmenter"} <= mean.keys():
+        # Equal wall-clock: whichever head was retrained for the other's time, against the other's run.
+        rank_time = mean.get("rankseg_equal_time", mean["rankseg"])
+        seg_time = mean.get("segmenter_equal_time", mean["segmenter"])
+        row |= {"rankseg_minus_segmenter_equal_iterations": mean["rankseg"] - mean["segmenter"],
+                "rankseg_minus_segmenter_equal_wall_clock": rank_time - seg_time,
+                "rankseg_s_per_iter_vs_segmenter": statistics.fmean(
+                    c["heads"]["rankseg"]["s_per_iter"] / c["heads"]["segmenter"]["s_per_iter"] for c in mine)}
+    if {"rankseg_gt", "segmenter"} <= mean.keys():
+        row["oracle_minus_segmenter"] = mean["rankseg_gt"] - mean["segmenter"]
+    return row
 
 
 def run_learn(plan: LearnPlan, work_dir: Path | None = None) -> dict[str, Any]:
@@ -223,10 +231,13 @@ def text_summary(result: dict[str, Any]) -> str:
         m, sp = s["mIoU"], s["mIoU_spread"]
         heads = ", ".join(f"{h} {100 * m[h]:.1f} (std {100 * sp[h]['std']:.1f}, {100 * sp[h]['min']:.1f}-"
                           f"{100 * sp[h]['max']:.1f})" for h in m)
-        lines.append(f"N={n} seeds={s['seeds']} regime {s['regime']['name']} (k={k}): mIoU {heads}; rankseg "
-                     f"recall@{k} {100 * s['rankseg_image_recall']['mean']:.1f} %, pixel recall "
-                     f"{100 * s['rankseg_pixel_recall']['mean']:.1f} %; rankseg s/iter = "
-                     f"{s['rankseg_s_per_iter_vs_segmenter']:.2f}x segmenter")
+        line = f"N={n} seeds={s['seeds']} regime {s['regime']['name']} (k={k}): mIoU {heads}"
+        if "rankseg_image_recall" in s:
+            line += (f"; rankseg recall@{k} {100 * s['rankseg_image_recall']['mean']:.1f} %, pixel recall "
+                     f"{100 * s['rankseg_pixel_recall']['mean']:.1f} %")
+        if "rankseg_s_per_iter_vs_segmenter" in s:
+            line += f"; rankseg s/iter = {s['rankseg_s_per_iter_vs_segmenter']:.2f}x segmenter"
+        lines.append(line)
     for case in result["cases"]:
         for head, run in case["heads"].items():
             reached = ", ".join(f"{t} % in {'-' if hit is None else format(hit['seconds'], '.0f') + ' s'}"

@@ -182,11 +182,11 @@ def learning_curves(case: dict[str, Any], path: Path, k: int, x: str = "step") -
         points = [(r[x], 100 * r["mIoU"]) for r in run["eval_curve"]]
         left.plot(*zip(*points, strict=True), "o-", markersize=3, label=head)
     left.set(xlabel=xlabel, ylabel="val mIoU (%)", title=f"N = {case['num_classes']}, seed {case['seed']}")
-    rank = case["heads"]["rankseg"]
+    rank = case["heads"].get("rankseg", {})  # absent when only other heads were trained
     for key, curve, style, label in (("image_recall", "eval_curve", "o-", f"val recall@{k}"),
                                      ("pixel_recall", "eval_curve", "s--", "val pixel recall"),
                                      ("image_recall", "train_curve", "-", f"training-batch recall@{k}")):
-        points = [(r[x], 100 * r[key]) for r in rank[curve] if key in r]
+        points = [(r[x], 100 * r[key]) for r in rank.get(curve, []) if key in r]
         if points:
             right.plot(*zip(*points, strict=True), style, markersize=3, label=label)
     right.axhline(100 * k / case["num_classes"], color="grey", linestyle=":", label="chance")

@@ -90,6 +90,19 @@ def test_probe_mode(capsys):
     assert lines[1]["summary"]["40"]["probe_image_recall"]["mean"] == probe["image_recall"]
 
 
+def test_heads_flag_trains_only_those_heads(tmp_path, capsys):
+    assert main(["benchmark", "learn", "--classes", "40", "--iters", "2", "--pretrain-iters", "2", "--val-images",
+                 "2", "--threads", "1", "--heads", "rankseg", "--plots", str(tmp_path), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["type"], line.get("head")) for line in lines] == [("head", "rankseg"), ("summary", None)]
+    summary = lines[-1]["summary"]["40"]
+    assert set(summary["mIoU"]) == {"rankseg"} and "rankseg_image_recall" in summary
+    assert "rankseg_minus_segmenter_equal_wall_clock" not in summary  # no Segmenter run to compare with
+    assert (tmp_path / "learn_n40_seed0.png").stat().st_size > 1000
+    assert main(["benchmark", "learn", "--heads", "rankseg,segmentr"]) == 2
+    assert "--heads: expected comma-separated heads among segmenter, rankseg, rankseg_gt" in capsys.readouterr().err
+
+
 def test_precision_flag_reaches_the_plan():
     assert learn_plan(build_parser().parse_args(["benchmark", "learn", "--precision", "bf16"])).precision == "bf16"
     assert learn_plan(build_parser().parse_args(["benchmark", "learn"])).precision == "auto"

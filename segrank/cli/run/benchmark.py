@@ -44,7 +44,7 @@ from segrank.experiments.learn import (
     run_learn,
     text_summary,
 )
-from segrank.experiments.recipe import TUNE_GRID, regime_for
+from segrank.experiments.recipe import HEADS, TUNE_GRID, regime_for
 from segrank.inference.precision import PRECISION_CHOICES
 from segrank.reporting.plots import learning_curves
 from segrank.runtime.devices import resolve_device
@@ -198,10 +198,21 @@ def positive_floats(text: str) -> list[float]:
     return values
 
 
+def head_names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in HEADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated heads among {', '.join(HEADS)}, got {text!r}")
+    return [h for h in HEADS if h in names]
+
+
 def add_learn_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=positive_ints(), default=[150, 847], help="comma-separated vocabulary sizes N")
     p.add_argument("--seeds", type=positive_ints(minimum=0), default=[0],
                    help="comma-separated seeds (the summary gives mean, min, max and std over them)")
+    p.add_argument("--heads", type=head_names, default=list(HEADS),
+                   help=f"comma-separated heads to train (default: all of {', '.join(HEADS)}; the equal wall-clock "
+                        "run needs segmenter and rankseg)")
     p.add_argument("--iters", type=positive_int, default=None,
                    help=f"fine-tuning iterations per head (default {ITERS}; --long: {LONG_ITERS})")
     p.add_argument("--long", action="store_true",
@@ -244,7 +255,8 @@ def learn_plan(args: argparse.Namespace) -> LearnPlan:
     """The plan of the command line; bad combinations are refused here, before any training."""
     data_options = {k: v for k, v in (("max_classes", args.max_classes_per_image),
                                       ("train_images", args.train_images)) if v is not None}
-    plan = LearnPlan(args.classes, args.seeds, args.iters or (LONG_ITERS if args.long else ITERS),
+    plan = LearnPlan(args.classes, args.seeds, heads=args.heads,
+                     iters=args.iters or (LONG_ITERS if args.long else ITERS),
                      pretrain_iters=args.pretrain_iters, val_images=args.val_images,
                      evals=LONG_EVALS if args.long else EVALS, equal_time=args.equal_time, regime=args.regime,
                      topk=args.topk, tune=args.tune, tune_iters=args.tune_iters,
