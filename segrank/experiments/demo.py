@@ -215,7 +215,8 @@ def budget_lines(runs: dict[str, dict[str, Any]], budget: dict[str, Any]) -> lis
         f"- Stage 1, shared: the backbone with a linear head, trained from scratch for {budget['pretrain_iters']} "
         f"iterations ({budget['pretrain_seconds']:.0f} s) on {NUM_CLASSES} other synthetic classes (none of the "
         "demo's; the same colours, textures and shapes), standing in for ImageNet pre-training.",
-        f"- Stage 2, per head, identical: {budget['iters']} iterations of batch {BATCH} from the stage-1 backbone, "
+        f"- Stage 2, the same budget for every head: {budget['iters']} iterations of batch {BATCH} from the stage-1 "
+        "backbone, "
         f"AdamW (backbone at 0.1x the lr, weight decay {t.weight_decay:g} except on norms, biases, position table "
         f"and class tokens), {t.warmup_iters} warm-up iterations, poly decay; precision {budget['precision']}; "
         f"{torch.get_num_threads()} CPU threads; {budget['total_seconds']:.0f} s in all.",
