@@ -42,7 +42,8 @@ from segrank.runtime.precision import choose_precision
 NUM_CLASSES = 150
 PRETRAIN_ITERS = 300
 # 400: RankSeg's validation recall@30 measured 89-91 % after 300 iterations (seeds 0, 1), 97 % after 400 (seed 1),
-# with the former 3x learning rate on its image-level branch (not re-measured with the neutral HEAD_SETTINGS).
+# with the former 3x learning rate on its image-level branch; with the selected HEAD_SETTINGS, 95 % after 300 at
+# N = 150 (docs/learning.md, "Tuning").
 ITERS = 400
 EVALS = 4
 VAL_IMAGES = 100

@@ -38,12 +38,18 @@ class StageInterrupted(SegrankError):
 # Every head's own fine-tuning settings: the base learning rate and a multiplier on the learning rate of its whole
 # decode head (every parameter named ``decode_head.*``: RankSeg's image-level branch and mask transformer,
 # Segmenter's and the oracle's mask transformers alike), searched over the same grid (TUNE_GRID) for every head.
-# NOT YET SELECTED: `segrank benchmark learn --tune` makes the selection; until it has been run on an idle machine
-# (docs/learning.md) every head gets the same neutral values. The former 3x rule for RankSeg's image-level branch
-# alone is gone: it tuned one head and not the others.
-HEAD_SETTINGS: dict[str, dict[str, float]] = {head: {"lr": 1e-3, "decoder_lr_mult": 1.0} for head in HEADS}
-HEAD_SETTINGS_SOURCE = ("neutral and identical for every head (lr 1e-3, decode head x1); not yet selected by "
-                        "`segrank benchmark learn --tune` (docs/learning.md)")
+# Selected by `segrank benchmark learn --classes 150 --seeds 0 --tune --tune-iters 300` (2026-12-03, bf16, 2 threads):
+# per head the grid point with the highest mIoU on the tune split (other scenes than the reported val split);
+# the grid and every point's result are in benchmarks/results/learn_tune_n150_seed0.jsonl and docs/learning.md.
+# The same selection is used at every N (the search was not repeated at N = 847: about 18 x 6 minutes there).
+HEAD_SETTINGS: dict[str, dict[str, float]] = {
+    "segmenter": {"lr": 2e-3, "decoder_lr_mult": 1.0},
+    "rankseg": {"lr": 2e-3, "decoder_lr_mult": 1.0},
+    "rankseg_gt": {"lr": 1e-3, "decoder_lr_mult": 1.0},
+}
+HEAD_SETTINGS_SOURCE = ("selected per head by `segrank benchmark learn --tune` at N=150, seed 0, 300 iterations per "
+                        "grid point (lr 5e-4/1e-3/2e-3 x decode head x1/x3, the same grid for every head), on the tune "
+                        "split, disjoint from the val split reported (docs/learning.md)")
 TUNE_GRID: dict[str, list[float]] = {"lr": [5e-4, 1e-3, 2e-3], "decoder_lr_mult": [1.0, 3.0]}
 DECODER = "decode_head."
 
