@@ -8,6 +8,7 @@ import re
 import yaml
 
 from segrank.cli import main
+from segrank.experiments.recipe import HEAD_SETTINGS, HEAD_SETTINGS_SOURCE, HEADS
 from segrank.runtime.precision import fastest_precision
 
 
@@ -36,9 +37,10 @@ def test_demo_writes_report(tmp_path, capsys):
     own = re.search(r"own settings \(base lr, lr multiplier of its whole decode head\): (.*)\. How they were chosen: "
                     r"(.+?); the same grid is searched for every head", text)
     assert own, text
-    for name in ("Segmenter", "Segmenter + RankSeg", "RankSeg, ground-truth classes (oracle)"):
-        assert re.search(rf"(^|; ){re.escape(name)}: lr [\d.e-]+, decode head x[\d.]+", own.group(1)), name
-    assert "not yet selected" in own.group(2) or "selected by" in own.group(2)
+    for head, name in HEADS.items():  # the selected settings, each head its own
+        lr, mult = HEAD_SETTINGS[head]["lr"], HEAD_SETTINGS[head]["decoder_lr_mult"]
+        assert re.search(rf"(^|; ){re.escape(name)}: lr {lr:g}, decode head x{mult:g}(;|$)", own.group(1)), name
+    assert own.group(2) == HEAD_SETTINGS_SOURCE
     assert (out / "segmenter" / "log.jsonl").is_file() and (out / "rankseg" / "config.yaml").is_file()
     # --precision auto (the default) reached every stage, and the report says what it chose.
     for stage in ("backbone", "segmenter", "rankseg", "rankseg_gt"):
