@@ -59,12 +59,17 @@ finite_float = number(float)
 port_number = number(int, 0, maximum=65535)
 
 
+def comma_separated(text: str) -> list[str]:
+    """The non-empty items of a comma-separated flag value, stripped: ``"150, 847,"`` -> ``["150", "847"]``."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def positive_ints(length: int | None = None, minimum: int = 1) -> Callable[[str], list[int]]:
     """An argparse type: comma-separated integers >= ``minimum`` (``length`` of them when given), e.g. ``150,1284``."""
     element = number(int, minimum)
 
     def parse(text: str) -> list[int]:
-        values = [element(v.strip()) for v in text.split(",") if v.strip()]
+        values = [element(v) for v in comma_separated(text)]
         if not values or (length is not None and len(values) != length):
             count = f"{length}" if length is not None else "one or more"
             raise argparse.ArgumentTypeError(f"expected {count} comma-separated integers, got {text!r}")

@@ -217,10 +217,9 @@ def budget_lines(runs: dict[str, dict[str, Any]], budget: dict[str, Any]) -> lis
         f"iterations ({budget['pretrain_seconds']:.0f} s) on {NUM_CLASSES} other synthetic classes (none of the "
         "demo's; the same colours, textures and shapes), standing in for ImageNet pre-training.",
         f"- Stage 2, the same budget for every head: {budget['iters']} iterations of batch {BATCH} from the stage-1 "
-        "backbone, "
-        f"AdamW (backbone at 0.1x the lr, weight decay {t.weight_decay:g} except on norms, biases, position table "
-        f"and class tokens), {t.warmup_iters} warm-up iterations, poly decay; precision {budget['precision']}; "
-        f"{torch.get_num_threads()} CPU threads; {budget['total_seconds']:.0f} s in all.",
+        f"backbone, AdamW (backbone at 0.1x the lr, weight decay {t.weight_decay:g} except on norms, biases, "
+        f"position table and class tokens), {t.warmup_iters} warm-up iterations, poly decay; precision "
+        f"{budget['precision']}; {torch.get_num_threads()} CPU threads; {budget['total_seconds']:.0f} s in all.",
         f"- Each head's own settings (base lr, lr multiplier of its whole decode head): {own}. How they were "
         f"chosen: {HEAD_SETTINGS_SOURCE}; the same grid is searched for every head.",
         f"- Heads: Segmenter's mask transformer (2 blocks, all {NUM_CLASSES} class tokens); RankSeg's multi-label "

@@ -23,6 +23,7 @@ from segrank.checkpoints import load_model
 from segrank.cli.flags import (
     SubParsers,
     announce_precision,
+    comma_separated,
     command_group,
     non_negative_int,
     number,
@@ -192,14 +193,14 @@ def run_data(args: argparse.Namespace) -> int:
 
 def positive_floats(text: str) -> list[float]:
     """An argparse type: comma-separated numbers > 0, e.g. ``5e-4,1e-3``."""
-    values = [positive_float(v.strip()) for v in text.split(",") if v.strip()]
+    values = [positive_float(v) for v in comma_separated(text)]
     if not values:
         raise argparse.ArgumentTypeError(f"expected one or more comma-separated numbers, got {text!r}")
     return values
 
 
 def head_names(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
+    names = comma_separated(text)
     unknown = [n for n in names if n not in HEADS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated heads among {', '.join(HEADS)}, got {text!r}")
